@@ -1,0 +1,339 @@
+"""The typed configuration tree of a sare_ds run.
+
+One tree of dataclasses, a docstring under every field (read back by `field_docs` for
+`--help`-style listings and as comments in the dumped YAML). Loaded from YAML, then
+overridden from the command line with dotted keys (`method.rho=0.1`), then validated: every
+error names the field, the rule it broke and what to do. The resolved tree is written to
+each run directory as `config.yaml`, so a run can be repeated from its own folder.
+
+    cfg = load_config("my.yaml", ["method.name=efuf", "optim.lr=2e-5"])
+    save_config(cfg, run_dir / "config.yaml")
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EFUF_CAPTION_PROMPT = (
+    "Please describe the image in great detail. Your response should have at least 100 words."
+)
+METHODS = ("ft", "efuf", "sare")
+
+
+class ConfigError(ValueError):
+    """A configuration value broke a rule; the message names field, rule and fix."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "runs/models/tiny-llava"
+    """Local directory or hub id of the MLLM (a transformers checkpoint)."""
+    family: str = "auto"
+    """Adapter family (`auto` reads `model_type` from the checkpoint's config; else e.g. `llava`)."""
+    trust_remote_code: bool = False
+    """Allow checkpoints whose modelling code ships with the weights (mPLUG-Owl, MiniGPT-4...)."""
+    dtype: str = "float32"
+    """Parameter dtype of the loaded model: float32, bfloat16 or float16."""
+    trainable: str = "mapping"
+    """Trainable set: `mapping` (the projector/abstractor), `mapping+lora` (plus LoRA on the LLM) or `regex`."""
+    trainable_regex: str = ""
+    """With trainable=regex: parameters whose name matches (re.search) are trained, all else frozen."""
+    lora_r: int = 8
+    """LoRA rank (trainable=mapping+lora)."""
+    lora_alpha: int = 16
+    """LoRA scaling alpha (trainable=mapping+lora)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout (trainable=mapping+lora)."""
+    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module-name suffixes inside the language model that receive LoRA adapters."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """Where training samples come from: `synthetic` (generated scenes, the embedded default)."""
+    prompt: str = EFUF_CAPTION_PROMPT
+    """User prompt that preceded each caption (the caption prompt of curation)."""
+    num_images: int = 48
+    """Synthetic source: number of generated images."""
+    image_size: int = 32
+    """Synthetic source: side of the generated images in pixels."""
+    pos_per_step: int = 1
+    """Positive (grounded sub-sentence) samples per micro-batch (EFUF: 1)."""
+    neg_per_step: int = 1
+    """Negative (hallucinated sub-sentence) samples per micro-batch (EFUF: 1)."""
+    sent_per_step: int = 1
+    """Whole-sentence samples per micro-batch (EFUF: 1)."""
+    max_length: int = 512
+    """Longest tokenised sample (image tokens included); longer samples are an error."""
+    t0: float = 32.0
+    """CLIP score (100 x cosine) above which an object is present: its sub-sentence is positive."""
+    t1: float = 23.0
+    """CLIP score below which an object is hallucinated: its sub-sentence is negative."""
+    t2: float = 27.5
+    """Mean object score above which a whole response is a sentence sample (all objects also > t1)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "sare"
+    """Training method: `ft` (capability losses only), `efuf` (gradient ascent) or `sare` (targeted SAM)."""
+    rho: float = 0.05
+    """SARE perturbation radius ||eps*|| (0 reduces SARE to EFUF; 0.15 leaves the valid manifold)."""
+    lambda1: float = 0.3
+    """Weight of the hallucination (neg) loss (0.1 too weak, 0.4 collapses)."""
+    lambda2: float = 0.25
+    """Weight of the sentence loss (paper: 0.2-0.3)."""
+    score_weighting: bool = False
+    """EFUF code's option: weight pos NLL by score and neg NLL by (55 - score)."""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"
+    """Optimizer: `adamw` or `sgd` (plain SGD, for checks against textbook SAM)."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay (AdamW) / L2 (SGD)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    epochs: int = 1
+    """Passes over the neg samples (the unlearning target; the other kinds cycle)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run the epochs)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    clip_grad_norm: float = 1.0
+    """Clip the composed gradient to this global norm (0 disables clipping; always explicit)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the constant/cosine schedule."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: `constant` or `cosine`."""
+    check_finite: bool = True
+    """Before each optimizer step check the loss and gradient norm are finite (one host sync a step); a
+    non-finite value stops the run with the weights of the last good step."""
+    seed: int = 0
+    """Seed for weights init, data order and perturbation probes."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Log scalars every N optimizer steps (the only host synchronisation of the step)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under <run_dir>/tb."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar (rank 0)."""
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "runs/quickstart"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, weights."""
+    overwrite: bool = True
+    """Allow writing into an existing run directory."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The MLLM and which of its parameters train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training samples and how each step is composed."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """FT / EFUF / SARE and their hyper-parameters."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, steps."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Scalars, TensorBoard, progress bar."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where the run writes."""
+
+
+# --------------------------------------------------------------------------- field docs
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (parsed from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+# --------------------------------------------------------------------------- load / merge
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Coerce a YAML value to the field's type, or raise naming the field."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:  # nested dataclass handled by caller
+        return value
+    raise ConfigError(
+        f"{where}: expected {typ.__name__}, got {value!r} ({type(value).__name__}); "
+        f"write a {typ.__name__} value for it"
+    )
+
+
+def _merge(obj: Any, data: dict, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of fields, got {data!r}")
+    types = _field_types(type(obj))
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1)
+            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; known: {', '.join(types)}"
+            raise ConfigError(f"unknown config field `{where}`{hint}")
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            _merge(getattr(obj, key), value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, typ, where))
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Apply `section.field=value` overrides; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override `{item}` is not of the form section.field=value (e.g. method.rho=0.1)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        nested: Any = value
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        _merge(cfg, nested, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- overrides, then validated."""
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            _merge(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+def _require(ok: bool, name: str, value: Any, rule: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is invalid: {rule}. Fix: {fix}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    m, d, o, mo = cfg.method, cfg.data, cfg.optim, cfg.model
+    _require(m.name in METHODS, "method.name", m.name, f"must be one of {METHODS}", "choose ft, efuf or sare")
+    _require(m.rho >= 0, "method.rho", m.rho, "the perturbation radius must be >= 0",
+             "use 0.05 (paper); 0 reduces SARE to EFUF")
+    _require(m.lambda1 >= 0, "method.lambda1", m.lambda1, "loss weights must be >= 0 (the sign of the neg loss is built in)",
+             "use 0.3 (paper)")
+    _require(m.lambda2 >= 0, "method.lambda2", m.lambda2, "loss weights must be >= 0", "use 0.2-0.3 (paper)")
+    _require(d.t1 <= d.t0, "data.t1", d.t1, f"the hallucination threshold must not exceed the presence threshold data.t0 = {d.t0}",
+             "lower data.t1 or raise data.t0 (EFUF: t1=23 < t0=32)")
+    _require(d.t1 <= d.t2, "data.t2", d.t2, f"the sentence threshold must be >= data.t1 = {d.t1}", "EFUF: t2=27.5")
+    for name in ("pos_per_step", "neg_per_step", "sent_per_step"):
+        _require(getattr(d, name) >= 0, f"data.{name}", getattr(d, name), "must be >= 0", "use 1 (EFUF)")
+    _require(d.pos_per_step + d.neg_per_step + d.sent_per_step > 0, "data.*_per_step", 0,
+             "a step needs at least one sample", "set data.neg_per_step=1")
+    if m.name in ("efuf", "sare"):
+        _require(d.neg_per_step > 0, "data.neg_per_step", d.neg_per_step,
+                 f"method {m.name} unlearns neg samples, so each step needs some", "set data.neg_per_step >= 1")
+    _require(d.max_length > 0, "data.max_length", d.max_length, "must be > 0", "use 512 or more")
+    _require(d.num_images > 0, "data.num_images", d.num_images, "must be > 0", "use e.g. 48")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0", "use 0-8")
+    _require(o.optimizer in ("adamw", "sgd"), "optim.optimizer", o.optimizer, "must be adamw or sgd", "use adamw")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0", "use 1e-5 (paper)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0", "use 0.05 (paper)")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "must be two numbers in [0, 1)", "use [0.9, 0.999]")
+    _require(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1", "use 1 (gradient ascent diverges when run long)")
+    _require(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be >= 0", "0 runs the full epochs")
+    _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1", "use 1")
+    _require(o.clip_grad_norm >= 0, "optim.clip_grad_norm", o.clip_grad_norm, "must be >= 0", "0 disables clipping")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0", "use 0")
+    _require(o.schedule in ("constant", "cosine"), "optim.schedule", o.schedule, "must be constant or cosine", "use constant")
+    _require(mo.dtype in ("float32", "bfloat16", "float16"), "model.dtype", mo.dtype,
+             "must be float32, bfloat16 or float16", "use bfloat16 on GPUs, float32 on CPU")
+    _require(mo.trainable in ("mapping", "mapping+lora", "regex"), "model.trainable", mo.trainable,
+             "must be mapping, mapping+lora or regex", "use mapping (the paper trains the projector only)")
+    if mo.trainable == "regex":
+        _require(bool(mo.trainable_regex), "model.trainable_regex", mo.trainable_regex,
+                 "trainable=regex needs a pattern", "e.g. model.trainable_regex='multi_modal_projector'")
+    _require(mo.lora_r > 0, "model.lora_r", mo.lora_r, "must be > 0", "use 8")
+    _require(0 <= mo.lora_dropout < 1, "model.lora_dropout", mo.lora_dropout, "must be in [0, 1)", "use 0.0")
+    _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1", "use 1-50")
+    _require(d.source in ("synthetic",), "data.source", d.source, "unknown data source", "use synthetic")
+
+
+# --------------------------------------------------------------------------- dump
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """YAML of the resolved tree, each field preceded by its docstring as a comment."""
+    lines: list[str] = ["# Resolved sare_ds configuration (defaults <- YAML <- overrides)."]
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        lines.append(f"{section.name}:")
+        docs = field_docs(type(sub))
+        for f in dataclasses.fields(sub):
+            if f.name in docs:
+                lines.append(f"  # {docs[f.name]}")
+            value = yaml.safe_dump({f.name: getattr(sub, f.name)}, default_flow_style=True, width=10_000).strip()
+            lines.append("  " + value[1:-1] if value.startswith("{") else "  " + value)
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(dump_config(cfg))

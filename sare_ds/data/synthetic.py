@@ -1,0 +1,78 @@
+"""Generated scenes for the embedded default: coloured shapes stand for objects.
+
+Each image shows 1-3 objects (each object a fixed shape and colour); its caption names them
+and, half of the time, one object that is NOT drawn (a hallucination). Samples come out as
+EFUF's curation would make them, with the generator's ground truth standing in for CLIP
+scores (present: 35, absent: 15 on the 100 x cosine scale). This is a stand-in until the
+curated shards feed training; it is not a measurement of anything.
+"""
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageDraw
+
+from sare_ds.data.samples import Sample
+from sare_ds.data.subsentence import object_span
+
+# name -> (RGB colour, shape)
+OBJECTS = {
+    "dog": ((220, 40, 40), "square"),
+    "cat": ((40, 60, 220), "circle"),
+    "car": ((40, 180, 60), "triangle"),
+    "bird": ((240, 200, 30), "circle"),
+    "cup": ((150, 60, 200), "square"),
+    "chair": ((30, 200, 200), "triangle"),
+}
+PRESENT_SCORE, ABSENT_SCORE = 35.0, 15.0
+
+
+def draw_scene(objects: list[str], size: int, rng: random.Random) -> Image.Image:
+    img = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(img)
+    cell = size // 2
+    slots = rng.sample(range(4), len(objects))
+    for name, slot in zip(objects, slots):
+        colour, shape = OBJECTS[name]
+        x0, y0 = (slot % 2) * cell + 2, (slot // 2) * cell + 2
+        x1, y1 = x0 + cell - 4, y0 + cell - 4
+        if shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=colour)
+        elif shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=colour)
+        else:
+            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour)
+    return img
+
+
+def caption_for(present: list[str], hallucinated: str | None) -> str:
+    text = "The image shows a " + ", a ".join(present) + "."
+    if hallucinated:
+        text += f" There is also a {hallucinated} nearby."
+    return text
+
+
+def caption_corpus() -> list[str]:
+    names = list(OBJECTS)
+    return [caption_for(names[i:i + 3], names[i - 1]) for i in range(len(names))]
+
+
+def generate_samples(num_images: int, image_size: int, prompt: str, seed: int) -> list[Sample]:
+    rng = random.Random(seed)
+    names = list(OBJECTS)
+    samples: list[Sample] = []
+    for idx in range(num_images):
+        present = rng.sample(names, rng.randint(1, 3))
+        absent = [n for n in names if n not in present]
+        hallucinated = rng.choice(absent) if rng.random() < 0.5 else None
+        image = draw_scene(present, image_size, rng)
+        caption = caption_for(present, hallucinated)
+        image_id = f"synthetic-{idx:05d}"
+        for name in present + ([hallucinated] if hallucinated else []):
+            context, target = object_span(caption, name)
+            kind = "neg" if name == hallucinated else "pos"
+            score = ABSENT_SCORE if kind == "neg" else PRESENT_SCORE
+            samples.append(Sample(image, prompt, context, target, kind, name, score, image_id))
+        if hallucinated is None:
+            samples.append(Sample(image, prompt, "", caption, "sent", "", PRESENT_SCORE, image_id))
+    return samples

@@ -1,0 +1,121 @@
+"""Chat-template tokenisation with labels on the target span only, and batch collation.
+
+The sample is rendered as the model's own conversation (user: image + prompt; assistant:
+context + target), the text is cut right after the target (so pos/neg samples never see
+what followed in the caption), and tokenised once with character offsets. Tokens whose
+characters overlap the target carry labels; everything else (prompt, context, image) is
+-100. Sent samples append EOS, which is labelled too. Finally the image placeholder is
+expanded to the number of positions the model's processor assigns it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sare_ds.data.samples import KIND_INDEX, BadSampleError, Sample
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: torch.Tensor  # [T] long, image placeholder expanded
+    labels: torch.Tensor  # [T] long, IGNORE_INDEX outside the target span
+    image: dict  # tensors of the image (pixel_values [1, ...], ...)
+    kind: int
+    score: float
+    image_id: str = ""
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample:
+    sample.check()
+    tokenizer = adapter.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise BadSampleError(
+            f"{adapter.source}: span labels need a fast tokenizer (character offsets); "
+            "fix: ship tokenizer.json with the checkpoint or load it with use_fast=True"
+        )
+    response = sample.context + sample.target
+    text = adapter.render(adapter.conversation(sample.prompt, response), add_generation_prompt=False)
+    start = text.rfind(response)
+    if start < 0:
+        raise BadSampleError(
+            f"sample (image {sample.image_id}): the chat template altered the response text, so the target "
+            "span cannot be located; fix: strip template control strings from the caption"
+        )
+    t_begin, t_end = start + len(sample.context), start + len(response)
+    text = text[:t_end]
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = list(enc["offset_mapping"])
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids.insert(0, tokenizer.bos_token_id)
+        offsets.insert(0, (0, 0))
+    labels = [tid if (e > t_begin and s < t_end) else IGNORE_INDEX for tid, (s, e) in zip(ids, offsets)]
+    if sample.kind == "sent":
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+
+    image = adapter.image_inputs(sample.image)
+    image_token_id = adapter.image_token_id
+    n_placeholders = ids.count(image_token_id)
+    if n_placeholders != 1:
+        raise BadSampleError(
+            f"sample (image {sample.image_id}): expected one image placeholder in the rendered prompt, found "
+            f"{n_placeholders}; fix: remove image tokens from prompt/caption text"
+        )
+    pos = ids.index(image_token_id)
+    n = image.num_image_tokens
+    ids = ids[:pos] + [image_token_id] * n + ids[pos + 1:]
+    labels = labels[:pos] + [IGNORE_INDEX] * n + labels[pos + 1:]
+    if len(ids) > max_length:
+        raise BadSampleError(
+            f"sample (image {sample.image_id}): {len(ids)} tokens exceed data.max_length = {max_length}; "
+            "fix: raise data.max_length or shorten the caption"
+        )
+    if all(l == IGNORE_INDEX for l in labels):
+        raise BadSampleError(f"sample (image {sample.image_id}): the target span has no tokens; fix: drop it")
+    return TokenizedSample(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        image=image.tensors,
+        kind=KIND_INDEX[sample.kind],
+        score=float(sample.score),
+        image_id=sample.image_id,
+    )
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding dim 1 when it differs (LLaVA-NeXT patch counts)."""
+    if len({t.shape[1:] for t in tensors}) == 1:
+        return torch.cat(tensors, 0)
+    width = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = t.new_zeros((t.shape[0], width - t.shape[1], *t.shape[2:]))
+        padded.append(torch.cat([t, pad], 1))
+    return torch.cat(padded, 0)
+
+
+def collate(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels, image tensors, kind, score."""
+    length = max(len(s.input_ids) for s in samples)
+    b = len(samples)
+    input_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[i, :n], labels[i, :n], attention[i, :n] = s.input_ids, s.labels, 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+             "kind": torch.tensor([s.kind for s in samples], dtype=torch.long),
+             "score": torch.tensor([s.score for s in samples], dtype=torch.float32)}
+    for key in samples[0].image:
+        batch[key] = _cat_padded([s.image[key] for s in samples])
+    return batch

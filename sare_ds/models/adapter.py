@@ -1,0 +1,105 @@
+"""The model-family adapter: what sare_ds needs to know about one MLLM family.
+
+An adapter names the multimodal mapping layers (the paper's trainable set), builds the
+conversation for the model's chat template, prepares images, and loads model + processor
+through transformers. Adding a family (BLIP-2/InstructBLIP Q-Former + projection, the
+Qwen2-VL merger, an Idefics connector, a remote-code model such as mPLUG-Owl) means one
+small subclass registered with `@register_adapter`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+_REGISTRY: dict[str, type["MLLMAdapter"]] = {}
+
+
+class UnknownModelLayoutError(ValueError):
+    """No adapter knows this checkpoint's layout."""
+
+
+def register_adapter(cls: type["MLLMAdapter"]) -> type["MLLMAdapter"]:
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    _REGISTRY[cls.family] = cls
+    return cls
+
+
+def adapter_class(family_or_model_type: str, source: str) -> type["MLLMAdapter"]:
+    try:
+        return _REGISTRY[family_or_model_type]
+    except KeyError:
+        known = sorted(_REGISTRY)
+        raise UnknownModelLayoutError(
+            f"{source}: no sare_ds adapter for model layout `{family_or_model_type}` (known: {', '.join(known)}). "
+            "Fix: pass model.family=<one of those> if the checkpoint is one of them under another name, "
+            "or add an adapter module in sare_ds/models/ (subclass MLLMAdapter, list its mapping layers)."
+        ) from None
+
+
+@dataclass
+class ImageInputs:
+    """Model inputs of one image, and how many LLM positions its placeholder expands to."""
+
+    tensors: dict[str, torch.Tensor]  # e.g. pixel_values [1, 3, H, W]; image_sizes for LLaVA-NeXT
+    num_image_tokens: int
+
+
+class MLLMAdapter:
+    """Base class. Subclasses set the class variables and may override the hooks."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    mapping_patterns: ClassVar[tuple[str, ...]] = ()
+    """Regexes (re.search on parameter names) of the multimodal mapping layers."""
+    language_model_pattern: ClassVar[str] = r"language_model"
+    """Regex of module names inside the LLM (LoRA targets are restricted to it)."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, source: str):
+        self.model = model
+        self.processor = processor
+        self.source = source
+
+    # -- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> "MLLMAdapter":
+        raise NotImplementedError(f"{cls.__name__} must implement load()")
+
+    # -- text ----------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def conversation(self, prompt: str, response: str | None = None) -> list[dict]:
+        """Messages in the transformers multimodal chat format: one image, then the prompt."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if response is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+        return messages
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """Chat-template text (the image as its placeholder token, not yet expanded)."""
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    # -- images --------------------------------------------------------------------------
+    def image_inputs(self, image) -> ImageInputs:
+        raise NotImplementedError
+
+    # -- parameters ----------------------------------------------------------------------
+    def mapping_parameter_names(self) -> list[str]:
+        pats = [re.compile(p) for p in self.mapping_patterns]
+        return [n for n, _ in self.model.named_parameters() if any(p.search(n) for p in pats)]
+
+    def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward for a collated batch."""
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+        return {k: batch[k] for k in keys if k in batch}

@@ -1,0 +1,62 @@
+"""LLaVA family adapter: LLaVA-1.5 (7B/13B), ShareGPT4V (LLaVA layout) and LLaVA-NeXT.
+
+Mapping layers: `multi_modal_projector` (and LLaVA-NeXT's learned `image_newline`).
+Images go through the checkpoint's own processor; the number of LLM positions an image
+expands to is read from that processor (fixed for 1.5, resolution dependent for NeXT), so
+no per-variant arithmetic lives here.
+"""
+from __future__ import annotations
+
+import torch
+
+from sare_ds.models.adapter import ImageInputs, MLLMAdapter, register_adapter
+
+
+@register_adapter
+class LlavaAdapter(MLLMAdapter):
+    family = "llava"
+    model_types = ("llava",)
+    mapping_patterns = (r"(^|\.)multi_modal_projector\.",)
+
+    @classmethod
+    def _model_class(cls):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    @classmethod
+    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> "LlavaAdapter":
+        from transformers import AutoProcessor
+
+        model = cls._model_class().from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return cls(model, processor, name_or_path)
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+
+    def image_inputs(self, image) -> ImageInputs:
+        # Run the processor on the bare placeholder: it returns the pixel tensors and expands
+        # the placeholder exactly as it will for the model, so counting gives the length.
+        image_token = self.processor.image_token
+        out = self.processor(images=image, text=image_token, return_tensors="pt")
+        n = int((out["input_ids"] == self.image_token_id).sum())
+        tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        return ImageInputs(tensors=tensors, num_image_tokens=n)
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_types = ("llava_next",)
+    mapping_patterns = (r"(^|\.)multi_modal_projector\.", r"(^|\.)image_newline$")
+
+    @classmethod
+    def _model_class(cls):
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration

@@ -1,0 +1,148 @@
+"""Tiny randomly initialised LLaVA (CLIP vision tower + Llama), built offline.
+
+The result is saved with `save_pretrained` (model, tokenizer, image processor, chat
+template) so tests and the quickstart load it through exactly the path a real checkpoint
+takes (`sare_ds.models.load_mllm`). No download: the tokenizer is a byte-level BPE trained
+here on a small corpus, and the chat template is LLaVA-1.5's conversation format.
+
+    python -m sare_ds.models.tiny runs/models/tiny-llava
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+
+# LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT: {response}</s>".
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+DEFAULT_CORPUS = [
+    "USER: ASSISTANT: Please describe the image in great detail. Your response should have at least 100 words.",
+    "The image shows a dog, a cat, a person, a car, a bicycle, a bus, a truck, a boat, a bird and a horse.",
+    "There is a red square, a blue circle and a green triangle on the table next to the chair.",
+    "A man is sitting on a bench near a tree, holding an umbrella and a cup of coffee.",
+    "In the background there are clouds, a kite, a frisbee, a clock, a laptop and a bottle.",
+    "Is there a dog in the image? Yes, there is. No, there is not.",
+]
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 600):
+    """Byte-level BPE trained offline, wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=2048,
+    )
+    fast.add_bos_token = True
+    fast.chat_template = LLAVA15_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llava(
+    out_dir: str | Path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    corpus: list[str] | None = None,
+    vocab_size: int = 600,
+    seed: int = 0,
+) -> Path:
+    """Build, save and return the directory of a tiny random LLaVA-1.5-layout checkpoint."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(list(corpus or DEFAULT_CORPUS), vocab_size=vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    num_image_tokens = (image_size // patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id,
+        image_seq_length=num_image_tokens, vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA15_CHAT_TEMPLATE,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "sare_tiny.json").write_text(json.dumps({"seed": seed, "image_size": image_size}, indent=1))
+    return out_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    from sare_ds.data.synthetic import caption_corpus
+
+    corpus = DEFAULT_CORPUS + caption_corpus()
+    print(build_tiny_llava(a.out_dir, image_size=a.image_size, seed=a.seed, corpus=corpus))
+
+
+if __name__ == "__main__":
+    main()

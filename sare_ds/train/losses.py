@@ -1,0 +1,46 @@
+"""Span losses: per-sample mean token NLL of the target span, and the kind losses.
+
+    L_pos  = mean NLL over pos samples       (keep grounded text likely)
+    L_neg  = - mean NLL over neg samples     (gradient ascent on hallucinated spans)
+    L_sent = mean NLL over sent samples      (keep whole responses fluent)
+
+All reductions are masked tensor ops: no host sync, and a batch lacking a kind gives 0 for
+that term. With `score_weighting` (EFUF's code), pos NLL is multiplied by the CLIP score and
+neg NLL by (55 - score): more confident samples count more.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sare_ds.data.samples import KIND_INDEX
+from sare_ds.data.tokenize import IGNORE_INDEX
+
+EFUF_NEG_SCORE_CEILING = 55.0
+
+
+def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] logits, [B, T] labels -> [B] fp32 mean NLL over each sample's labelled tokens."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != IGNORE_INDEX).float()
+    return (token_nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def kind_losses(nll: torch.Tensor, kind: torch.Tensor, score: torch.Tensor,
+                score_weighting: bool = False) -> dict[str, torch.Tensor]:
+    """{'pos': L_pos, 'neg': L_neg (= -NLL), 'sent': L_sent}, each a mean over its samples."""
+    out = {}
+    for name, sign in (("pos", 1.0), ("neg", -1.0), ("sent", 1.0)):
+        mask = (kind == KIND_INDEX[name]).to(nll.dtype)
+        weight = mask
+        if score_weighting and name == "pos":
+            weight = mask * score.to(nll.dtype)
+        elif score_weighting and name == "neg":
+            weight = mask * (EFUF_NEG_SCORE_CEILING - score.to(nll.dtype))
+        out[name] = sign * (nll * weight).sum() / mask.sum().clamp_min(1.0)
+    return out

@@ -1,0 +1,36 @@
+"""Install sare_ds: `pip install -e .` (use `launch/setup_env.sh`, which pins torch first).
+
+The top-level `kernels/` folder is installed as the importable package `kernels` next to
+`sare_ds`, so `import kernels` works from an installed copy as well as from a checkout.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="sare_ds",
+    version="0.1.0",
+    description="Sharpness-aware robust erasure (SARE) of hallucinations in multimodal LLMs, on DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sare_ds", "sare_ds.*", "kernels", "kernels.*"]),
+    package_data={"sare_ds": ["resources/*"]},
+    install_requires=[
+        # torch is deliberately unpinned here: launch/setup_env.sh pins it through a
+        # constraint file (CPU wheel on CPU machines, the machine's own CUDA build on GPUs).
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.48",
+        "tokenizers",
+        "peft",
+        "open_clip_torch",
+        "webdataset",
+        "mpi4py",
+        "tensorboard",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+)
