@@ -232,13 +232,23 @@ def _merge(obj: Any, data: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(value, typ, where))
 
 
+def _override_type(cfg: Any, dotted: str) -> Any:
+    obj: Any = type(cfg)
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj):
+            return None
+        obj = _field_types(obj).get(part)
+    return obj
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> None:
     """Apply `section.field=value` overrides; values are parsed as YAML scalars/lists."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override `{item}` is not of the form section.field=value (e.g. method.rho=0.1)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        # String fields take the text verbatim (a prompt may contain ": "); others parse as YAML.
+        value = raw if _override_type(cfg, key.strip()) is str else yaml.safe_load(raw)
         nested: Any = value
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}

@@ -1,0 +1,68 @@
+"""Config tree: defaults from method.md, YAML + overrides, validation messages, dump round trip."""
+import dataclasses
+
+import pytest
+
+from sare_ds.config import (
+    ConfigError, TrainConfig, dump_config, field_docs, load_config, save_config, validate,
+)
+
+
+def test_defaults_follow_the_method():
+    cfg = TrainConfig()
+    validate(cfg)
+    assert (cfg.method.name, cfg.method.rho, cfg.method.lambda1) == ("sare", 0.05, 0.3)
+    assert 0.2 <= cfg.method.lambda2 <= 0.3
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs) == ("adamw", 1e-5, 0.05, 1)
+    assert (cfg.data.t0, cfg.data.t1, cfg.data.t2) == (32.0, 23.0, 27.5)
+    assert cfg.model.trainable == "mapping"
+
+
+def test_every_field_has_a_docstring():
+    for section in dataclasses.fields(TrainConfig):
+        cls = section.default_factory().__class__
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without docstring: {missing}"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: efuf\n  lambda1: 0.2\noptim:\n  lr: 2.0e-5\n")
+    cfg = load_config(path, ["method.lambda1=0.1", "model.lora_target_modules=[q_proj,k_proj]"])
+    assert cfg.method.name == "efuf" and cfg.method.lambda1 == 0.1 and cfg.optim.lr == 2e-5
+    assert cfg.model.lora_target_modules == ["q_proj", "k_proj"]
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["method.rho=0.07", "output.run_dir=/x/y", "data.prompt=Describe: it."])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert "# SARE perturbation radius" in dump_config(cfg)
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("method.rho=-0.1", ["method.rho", ">= 0", "Fix"]),
+    ("method.lambda1=-1", ["method.lambda1", ">= 0", "Fix"]),
+    ("method.lambda2=-0.5", ["method.lambda2", ">= 0"]),
+    ("data.t1=40", ["data.t1", "data.t0", "Fix"]),
+    ("method.name=dpo", ["method.name", "'dpo'", "ft, efuf or sare"]),
+    ("optim.lr=0", ["optim.lr", "> 0"]),
+    ("optim.epochs=0", ["optim.epochs", ">= 1"]),
+    ("optim.clip_grad_norm=-1", ["optim.clip_grad_norm"]),
+    ("model.dtype=float8", ["model.dtype", "bfloat16"]),
+    ("model.trainable=regex", ["model.trainable_regex", "needs a pattern"]),
+    ("method.rhoo=0.1", ["unknown config field `method.rhoo`", "did you mean `method.rho`"]),
+    ("method.rho=abc", ["method.rho", "expected float"]),
+    ("method.rho", ["section.field=value"]),
+])
+def test_validation_errors_name_field_rule_and_fix(override, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
