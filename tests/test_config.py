@@ -66,3 +66,12 @@ def test_validation_errors_name_field_rule_and_fix(override, needles):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_docs_config_reference_is_current():
+    from pathlib import Path
+
+    from sare_ds.config import config_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_markdown(), "regenerate: python -m sare_ds.config > docs/config.md"
