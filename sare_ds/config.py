@@ -141,11 +141,27 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    ds_config: str = ""
+    """DeepSpeed JSON (e.g. ds_configs/zero3_bf16.json); empty: plain single-process training. Batch
+    sizes, accumulation, clipping, precision and the optimizer are filled in from this config tree;
+    explicit values in the JSON that disagree are an error."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
+
+
+@dataclass
 class OutputConfig:
     run_dir: str = "runs/quickstart"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, weights."""
     overwrite: bool = True
     """Allow writing into an existing run directory."""
+    save_every: int = 0
+    """DeepSpeed checkpoint every N optimizer steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in <run_dir>/checkpoints (same result as an uninterrupted run)."""
+    export_hf: bool = True
+    """At the end, export the full model in Hugging Face format to <run_dir>/hf (DeepSpeed runs)."""
 
 
 @dataclass
@@ -160,6 +176,8 @@ class TrainConfig:
     """Optimizer, schedule, steps."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Scalars, TensorBoard, progress bar."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """DeepSpeed / ZeRO and process groups."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where the run writes."""
 
@@ -322,6 +340,15 @@ def validate(cfg: TrainConfig) -> None:
     _require(0 <= mo.lora_dropout < 1, "model.lora_dropout", mo.lora_dropout, "must be in [0, 1)", "use 0.0")
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1", "use 1-50")
     _require(d.source in ("synthetic",), "data.source", d.source, "unknown data source", "use synthetic")
+    _require(cfg.distributed.backend in ("auto", "nccl", "gloo"), "distributed.backend", cfg.distributed.backend,
+             "must be auto, nccl or gloo", "use auto")
+    if cfg.distributed.ds_config:
+        _require(Path(cfg.distributed.ds_config).is_file(), "distributed.ds_config", cfg.distributed.ds_config,
+                 "the DeepSpeed JSON does not exist", "pass a file from ds_configs/ (e.g. ds_configs/zero3_bf16.json)")
+    _require(cfg.output.save_every >= 0, "output.save_every", cfg.output.save_every, "must be >= 0", "0 saves at the end only")
+    if cfg.output.resume:
+        _require(bool(cfg.distributed.ds_config), "output.resume", True,
+                 "resuming restores a DeepSpeed checkpoint, so it needs distributed.ds_config", "set distributed.ds_config")
 
 
 # --------------------------------------------------------------------------- dump

@@ -1,7 +1,9 @@
 """Compose optimizer steps from samples of the three kinds.
 
-Each step has `grad_accum_steps` micro-batches of (pos_per_step, neg_per_step,
-sent_per_step) samples. An epoch is one pass over the neg samples, the set being unlearned
+Each optimizer step has `grad_accum_steps x world_size` micro-batches of (pos_per_step,
+neg_per_step, sent_per_step) samples; rank r trains on micro-batches
+[r * grad_accum_steps, (r + 1) * grad_accum_steps) of that list. So one rank with
+accumulation 2 and two ranks with accumulation 1 see exactly the same step. An epoch is one pass over the neg samples, the set being unlearned
 (or over pos, then sent, when a method draws no neg samples); the other kinds cycle, each
 cycle reshuffled. Deterministic for a seed.
 """
@@ -17,11 +19,12 @@ T = TypeVar("T")
 
 class StepComposer(Generic[T]):
     def __init__(self, by_kind: dict[str, list[T]], per_step: dict[str, int], grad_accum_steps: int,
-                 epochs: int, seed: int, max_steps: int = 0):
+                 epochs: int, seed: int, max_steps: int = 0, rank: int = 0, world_size: int = 1):
         self.by_kind = by_kind
         self.per_step = {k: per_step.get(k, 0) for k in KINDS}
         self.grad_accum_steps = grad_accum_steps
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         for k, n in self.per_step.items():
             if n > 0 and not by_kind.get(k):
                 raise ValueError(
@@ -29,12 +32,13 @@ class StepComposer(Generic[T]):
                     f"fix: set data.{k}_per_step=0 or provide {k} samples"
                 )
         self.driver = next(k for k in ("neg", "pos", "sent") if self.per_step[k] > 0)
-        per_opt_step = self.per_step[self.driver] * grad_accum_steps
+        per_opt_step = self.per_step[self.driver] * grad_accum_steps * world_size
         self.steps_per_epoch = len(by_kind[self.driver]) // per_opt_step
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{len(by_kind[self.driver])} {self.driver} samples are fewer than one step needs "
-                f"({per_opt_step}); fix: lower data.{self.driver}_per_step or optim.grad_accum_steps, or add data"
+                f"({per_opt_step} over all ranks); fix: lower data.{self.driver}_per_step or optim.grad_accum_steps, "
+                "or add data"
             )
         total = self.steps_per_epoch * epochs
         self.num_steps = min(total, max_steps) if max_steps > 0 else total
@@ -54,7 +58,8 @@ class StepComposer(Generic[T]):
     def __iter__(self) -> Iterator[list[dict[str, list[T]]]]:
         streams = {k: self._stream(k) for k, n in self.per_step.items() if n > 0}
         for _ in range(self.num_steps):
-            yield [
+            step = [
                 {k: [next(streams[k]) for _ in range(n)] for k, n in self.per_step.items() if n > 0}
-                for _ in range(self.grad_accum_steps)
+                for _ in range(self.grad_accum_steps * self.world_size)
             ]
+            yield step[self.rank * self.grad_accum_steps:(self.rank + 1) * self.grad_accum_steps]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 
 import torch
 
@@ -58,15 +57,6 @@ class ParameterSpace(ABC):
     def global_grad_norm(self) -> torch.Tensor:
         """||g||_2 over all trainable parameters on all ranks: local sum of squares, one all-reduce."""
         return self.all_reduce_sum(self.local_grad_sq_sum()).sqrt()
-
-    @contextmanager
-    def perturbed(self, scale: torch.Tensor):
-        """Weights at theta + scale * g inside the block; theta again after it, also on error."""
-        self.perturb(scale)
-        try:
-            yield
-        finally:
-            self.restore()
 
     def step(self, check_finite: bool, describe=lambda: "") -> torch.Tensor:
         """Optimizer step on the accumulated gradient; returns its global norm (before clipping)."""

@@ -23,6 +23,7 @@ import torch
 
 from sare_ds.train.losses import kind_losses, per_sample_nll
 from sare_ds.train.params import ParameterSpace
+from sare_ds.train.timing import PhaseTimer
 
 # The collated groups of samples each method needs in a micro-batch.
 METHOD_GROUPS = {"ft": ("cap",), "efuf": ("all",), "sare": ("neg", "cap")}
@@ -44,7 +45,8 @@ class UnlearningStep:
     """Callable: `metrics = step(micro_batches)`; each micro-batch maps group -> batch."""
 
     def __init__(self, model, forward_inputs, space: ParameterSpace, method_cfg, *,
-                 device: torch.device, dtype: torch.dtype, check_finite: bool = True):
+                 device: torch.device, dtype: torch.dtype, check_finite: bool = True,
+                 timer: PhaseTimer | None = None):
         self.model = model
         self.forward_inputs = forward_inputs
         self.space = space
@@ -52,6 +54,7 @@ class UnlearningStep:
         self.device = device
         self.dtype = dtype
         self.check_finite = check_finite
+        self.timer = timer or PhaseTimer(device, enabled=False)
         self._last_losses: dict[str, torch.Tensor] = {}
 
     # -- losses of one group over all micro-batches, accumulated into the gradient -------
@@ -83,19 +86,30 @@ class UnlearningStep:
         metrics: dict[str, torch.Tensor] = {}
         self.space.zero_grad()
 
+        t = self.timer
         if m.name == "ft":
-            metrics.update(self._accumulate(micro_batches, "cap", capability))
+            with t("capability"):
+                metrics.update(self._accumulate(micro_batches, "cap", capability))
         elif m.name == "efuf":
-            metrics.update(self._accumulate(micro_batches, "all", {"pos": 1.0, "neg": m.lambda1, "sent": m.lambda2}))
+            with t("efuf"):
+                metrics.update(self._accumulate(micro_batches, "all", {"pos": 1.0, "neg": m.lambda1, "sent": m.lambda2}))
         elif m.name == "sare":
-            neg_at_theta = self._accumulate(micro_batches, "neg", {"neg": 1.0})["neg"]  # 1. g
-            grad_norm_neg = self.space.global_grad_norm()                                # 2. ||g||
-            scale = m.rho / grad_norm_neg.clamp_min(_TINY_NORM)                          #    eps* = scale * g
-            with self.space.perturbed(scale):                                            # 3. theta + eps*
-                self.space.zero_grad()
-                neg_at_eps = self._accumulate(micro_batches, "neg", {"neg": m.lambda1})["neg"]
-            # 4. restored on leaving the block; 5. capability gradient at theta adds to lambda1 g_neg
-            metrics.update(self._accumulate(micro_batches, "cap", capability))
+            with t("neg_at_theta"):                                                      # 1. g
+                neg_at_theta = self._accumulate(micro_batches, "neg", {"neg": 1.0})["neg"]
+            with t("grad_norm"):                                                         # 2. ||g||
+                grad_norm_neg = self.space.global_grad_norm()
+                scale = m.rho / grad_norm_neg.clamp_min(_TINY_NORM)                      #    eps* = scale * g
+            with t("perturb"):
+                self.space.perturb(scale)                                                # 3. theta + eps*
+            try:
+                with t("neg_at_eps"):
+                    self.space.zero_grad()
+                    neg_at_eps = self._accumulate(micro_batches, "neg", {"neg": m.lambda1})["neg"]
+            finally:
+                with t("restore"):
+                    self.space.restore()                                                 # 4. theta, exactly
+            with t("capability"):                          # 5. capability gradient at theta adds to lambda1 g_neg
+                metrics.update(self._accumulate(micro_batches, "cap", capability))
             metrics.update({
                 "neg": neg_at_theta,
                 "sam/grad_norm_neg": grad_norm_neg,
@@ -106,7 +120,8 @@ class UnlearningStep:
             raise ValueError(f"method.name = {m.name!r}: unknown method; use ft, efuf or sare")
 
         self._last_losses = {k: v for k, v in metrics.items() if not k.startswith("sam/")}
-        metrics["train/grad_norm"] = self.space.step(self.check_finite, self._describe)  # 6.
+        with t("optimizer_step"):
+            metrics["train/grad_norm"] = self.space.step(self.check_finite, self._describe)  # 6.
         return {(k if "/" in k else f"loss/{k}"): v for k, v in metrics.items()}
 
     def _describe(self) -> str:

@@ -1,10 +1,13 @@
-"""The training loop in one process: model, data, parameter space, step, logs, weights.
+"""The training loop: model, data, parameter space, step, logs, checkpoints, weights.
 
     run_dir = train(load_config("launch/configs/quickstart.yaml"))
 
-Writes into `output.run_dir`: config.yaml (resolved), metrics.jsonl, tb/ (TensorBoard),
-data.json (sample counts and skipped samples by reason), trainable.safetensors (the trained
-parameters, by name) and summary.json.
+One process (`distributed.ds_config` empty: PlainParameterSpace) or DeepSpeed ZeRO-2/3 on
+any number of ranks (Zero{2,3}ParameterSpace); the step and the loop are the same code.
+Writes into `output.run_dir` (rank 0): config.yaml (resolved), metrics.jsonl, tb/,
+data.json (samples per kind, skipped samples by reason), trainable.safetensors (the trained
+parameters by name), summary.json, and with DeepSpeed checkpoints/ and hf/ (the full model
+in Hugging Face format).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +26,15 @@ from sare_ds.config import TrainConfig, save_config
 from sare_ds.data.samples import KINDS, BadSampleError
 from sare_ds.data.steps import StepComposer
 from sare_ds.data.tokenize import tokenize_sample
+from sare_ds.dist import DistInfo, barrier, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
 from sare_ds.train.logging import MetricLogger
-from sare_ds.train.params import NonFiniteError, PlainParameterSpace
+from sare_ds.train.params import NonFiniteError, ParameterSpace, PlainParameterSpace
 from sare_ds.train.step import UnlearningStep, collate_groups
+from sare_ds.train.timing import PhaseTimer
 
 log = logging.getLogger("sare_ds.train")
+CHECKPOINTS = "checkpoints"
 
 
 def seed_everything(seed: int) -> None:
@@ -36,14 +43,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path:
     run_dir = Path(cfg.output.run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
-        raise FileExistsError(f"output.run_dir = {run_dir} exists and output.overwrite is false; "
-                              "fix: choose a new run_dir or set output.overwrite=true")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl",):
-        (run_dir / stale).unlink(missing_ok=True)
+    if is_main:
+        if run_dir.exists() and any(run_dir.iterdir()) and not (cfg.output.overwrite or cfg.output.resume):
+            raise FileExistsError(f"output.run_dir = {run_dir} exists and output.overwrite is false; "
+                                  "fix: choose a new run_dir, set output.overwrite=true or output.resume=true")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.output.resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    barrier()
     return run_dir
 
 
@@ -93,23 +102,137 @@ def tokenize_all(samples, adapter, max_length: int):
     return by_kind, skipped
 
 
-def save_trainable(model: torch.nn.Module, path: Path) -> None:
+# ------------------------------------------------------------------------------ runtimes
+
+@dataclass
+class Runtime:
+    """What the loop drives: the forward callable, where the parameters live, the device."""
+
+    model: torch.nn.Module  # the module, or the DeepSpeed engine wrapping it
+    space: ParameterSpace
+    device: torch.device
+    dist: DistInfo
+    engine: object | None = None
+    stage: int = 0
+
+
+def build_plain(cfg: TrainConfig, model, params, total_steps: int) -> Runtime:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    optimizer = build_optimizer(params, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, total_steps))
+    space = PlainParameterSpace(params, optimizer, scheduler, cfg.optim.clip_grad_norm)
+    return Runtime(model, space, device, DistInfo(0, 1, 0, device))
+
+
+def build_deepspeed(cfg: TrainConfig, model, params, ds_config: dict, info: DistInfo, total_steps: int) -> Runtime:
+    import deepspeed
+
+    from sare_ds.train.ds_config import zero_stage
+    from sare_ds.train.zero_params import zero_parameter_space
+
+    client_optimizer = None if "optimizer" in ds_config else build_optimizer(params, cfg.optim)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=client_optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.optim, total_steps)),
+    )
+    stage = zero_stage(ds_config)
+    return Runtime(engine, zero_parameter_space(engine, stage), engine.device, info, engine, stage)
+
+
+# ------------------------------------------------------------------------- weights out
+
+def _trainable_state(rt: Runtime) -> dict[str, torch.Tensor]:
+    """Trained parameters by name, gathered to full tensors (every rank calls this)."""
+    module = rt.engine.module if rt.engine is not None else rt.model
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if rt.stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().to("cpu").clone().contiguous() for n, p in named}
+    return {n: p.detach().to("cpu").contiguous() for n, p in named}
+
+
+def save_trainable(rt: Runtime, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(path))
+    state = _trainable_state(rt)
+    if rt.dist.is_main:
+        save_file(state, str(path))
 
+
+def export_hf(rt: Runtime, adapter, out_dir: Path) -> None:
+    """Full model in Hugging Face format (config, weights, processor), loadable without sare_ds."""
+    if rt.stage == 3:
+        # Gathers the partitions layer by layer onto rank 0 (needs
+        # stage3_gather_16bit_weights_on_model_save, which build_ds_config keeps in our JSONs).
+        state = rt.engine._zero3_consolidated_16bit_state_dict()
+    else:
+        module = rt.engine.module if rt.engine is not None else rt.model
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    if rt.dist.is_main:
+        module = rt.engine.module if rt.engine is not None else rt.model
+        if hasattr(module, "merge_and_unload"):
+            log.warning("LoRA run: hf/ holds the PEFT model (adapters + base weights); load it with peft")
+        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        adapter.processor.save_pretrained(out_dir)
+
+
+def save_checkpoint(rt: Runtime, run_dir: Path, step: int) -> None:
+    ckpt = run_dir / CHECKPOINTS
+    tag = f"step{step:07d}"
+    rt.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step})
+    # RNG streams are per rank (dropout masks differ across ranks): one file each.
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               ckpt / tag / f"rng_rank{rt.dist.rank:05d}.pt")
+
+
+def load_checkpoint(rt: Runtime, run_dir: Path) -> int:
+    ckpt = run_dir / CHECKPOINTS
+    if not (ckpt / "latest").is_file():
+        raise FileNotFoundError(f"output.resume=true but {ckpt} has no checkpoint ('latest' missing); "
+                                "fix: drop output.resume or point output.run_dir at the interrupted run")
+    path, client = rt.engine.load_checkpoint(str(ckpt))
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
+    step = int(client["step"])
+    rng = torch.load(Path(path) / f"rng_rank{rt.dist.rank:05d}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    log.info("resumed from %s at step %d", path, step)
+    return step
+
+
+# ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig) -> Path:
-    run_dir = prepare_run_dir(cfg)
-    save_config(cfg, run_dir / "config.yaml")
+    use_ds = bool(cfg.distributed.ds_config)
+    info = init_distributed(cfg.distributed.backend) if use_ds else DistInfo(0, 1, 0, torch.device("cpu"))
+    run_dir = prepare_run_dir(cfg, info.is_main)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.optim.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[cfg.model.dtype]
 
+    ds_config, hf_ds_config = None, None
+    if use_ds:
+        from sare_ds.train.ds_config import build_ds_config, zero_stage
+
+        ds_config = build_ds_config(cfg, info.world_size, torch.cuda.is_available())
+        if zero_stage(ds_config) == 3:
+            # While this object lives, from_pretrained builds the model under zero.Init: each rank
+            # materialises only its partition (13B+ models never exist whole on one rank).
+            from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+            hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
     adapter = load_mllm(cfg.model)
     trainable_names = select_trainable(adapter, cfg.model)
-    model = adapter.model.to(device)
+    model = adapter.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -118,48 +241,69 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.method.name == "ft":
         per_step["neg"] = 0  # plain fine-tuning never sees hallucinated spans
     composer = StepComposer(by_kind, per_step, cfg.optim.grad_accum_steps, cfg.optim.epochs,
-                            cfg.optim.seed, cfg.optim.max_steps)
-    (run_dir / "data.json").write_text(json.dumps({
-        "samples": {k: len(v) for k, v in by_kind.items()}, "skipped": skipped,
-        "steps": len(composer), "trainable": trainable_names,
-    }, indent=1))
+                            cfg.optim.seed, cfg.optim.max_steps, rank=info.rank, world_size=info.world_size)
+    total = len(composer)
+    if info.is_main:
+        (run_dir / "data.json").write_text(json.dumps({
+            "samples": {k: len(v) for k, v in by_kind.items()}, "skipped": skipped,
+            "steps": total, "world_size": info.world_size, "trainable": trainable_names,
+        }, indent=1))
 
-    optimizer = build_optimizer(params, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, len(composer)))
-    space = PlainParameterSpace(params, optimizer, scheduler, cfg.optim.clip_grad_norm)
-    step_fn = UnlearningStep(model, adapter.forward_inputs, space, cfg.method, device=device, dtype=dtype,
-                             check_finite=cfg.optim.check_finite)
+    rt = (build_deepspeed(cfg, model, params, ds_config, info, total) if use_ds
+          else build_plain(cfg, model, params, total))
+    timer = PhaseTimer(rt.device)
+    step_fn = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device, dtype=dtype,
+                             check_finite=cfg.optim.check_finite, timer=timer)
     pad_id = adapter.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = adapter.tokenizer.eos_token_id
+    start = load_checkpoint(rt, run_dir) if cfg.output.resume else 0
 
-    logger = MetricLogger(run_dir, cfg.logging, len(composer))
+    logger = MetricLogger(run_dir, cfg.logging, total, enabled=info.is_main)
+    logger.advance(start)
     status, last = "completed", {}
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     try:
         for step_idx, micro in enumerate(composer, start=1):
+            if step_idx <= start:
+                continue  # already trained before the interruption (data order is a function of the step)
             groups = [collate_groups(mb, cfg.method.name, pad_id) for mb in micro]
             samples_since += sum(len(v) for mb in micro for v in mb.values())
-            tokens_since += sum(int(len(s.input_ids)) for mb in micro for v in mb.values() for s in v)
-            lr = space.lr
+            tokens_since += sum(len(s.input_ids) for mb in micro for v in mb.values() for s in v)
+            lr = rt.space.lr
             metrics = step_fn(groups)
             logger.advance()
-            if step_idx % cfg.logging.log_every == 0 or step_idx == len(composer):
+            if step_idx % cfg.logging.log_every == 0 or step_idx == total:
+                # The logging interval: the only place the loop waits for the device.
+                metrics = mean_over_ranks(metrics)
+                phases = timer.read()
                 elapsed = time.perf_counter() - t_last
                 n = step_idx % cfg.logging.log_every or cfg.logging.log_every
+                world = info.world_size
                 last = logger.log(step_idx, {
                     **metrics, "train/lr": lr, "perf/step_time_s": elapsed / n,
-                    "perf/samples_per_s": samples_since / elapsed, "perf/tokens_per_s": tokens_since / elapsed,
+                    "perf/samples_per_s": world * samples_since / elapsed,
+                    "perf/tokens_per_s": world * tokens_since / elapsed,
+                    **{f"perf/phase/{k}": v / n for k, v in phases.items()},
                 })
                 t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+            if use_ds and cfg.output.save_every and step_idx % cfg.output.save_every == 0 and step_idx != total:
+                save_checkpoint(rt, run_dir, step_idx)
     except NonFiniteError:
         status = "stopped: non-finite loss"
         raise
     finally:
         logger.close()
         # Also on a NaN stop: the optimizer refused the bad update, so these are good weights.
-        save_trainable(model, run_dir / "trainable.safetensors")
-        (run_dir / "summary.json").write_text(json.dumps({
-            "status": status, "steps": len(composer), "method": cfg.method.name, "last_metrics": last,
-        }, indent=1))
+        save_trainable(rt, run_dir / "trainable.safetensors")
+        if info.is_main:
+            (run_dir / "summary.json").write_text(json.dumps({
+                "status": status, "steps": total, "method": cfg.method.name, "world_size": info.world_size,
+                "last_metrics": last,
+            }, indent=1))
+    if use_ds:
+        save_checkpoint(rt, run_dir, total)
+        if cfg.output.export_hf:
+            export_hf(rt, adapter, run_dir / "hf")
+    barrier()
     return run_dir

@@ -1,0 +1,74 @@
+"""Process-group set-up for every launcher: `deepspeed`, `torchrun` and `mpirun`.
+
+`deepspeed` and `torchrun` export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; under
+`mpirun` (Open MPI) only OMPI_COMM_WORLD_* exist, and DeepSpeed's MPI discovery (mpi4py)
+derives the rest, with rank 0's address broadcast as the rendezvous. The backend is nccl on
+GPUs and gloo on CPU (oneCCL is not available on CPU machines here).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_mpi() -> bool:
+    return "OMPI_COMM_WORLD_SIZE" in os.environ and "RANK" not in os.environ
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device."""
+    import deepspeed
+    import torch.distributed as dist
+
+    on_gpu = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if on_gpu else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ and not launched_by_mpi():
+            # A plain `python launch/train.py` with a DeepSpeed config: a world of one.
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launched_by_mpi(), verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Average scalar tensors over ranks with one all-reduce (used at the logging interval only)."""
+    import torch.distributed as dist
+
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()).float() for k in keys])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.unbind()))

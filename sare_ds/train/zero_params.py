@@ -1,0 +1,189 @@
+"""ParameterSpace for DeepSpeed ZeRO: the SARE primitives on partitioned weights and grads.
+
+ZeRO-3 (Zero3ParameterSpace). Each rank holds, per trainable parameter, a flat partition of
+  - the low-precision weights the forward all-gathers: `p.ds_tensor` (bf16/fp16/fp32);
+  - the fp32 master weights (the optimizer's copy): `safe_get_local_fp32_param(p)`;
+  - the fp32 reduced gradient: `safe_get_local_grad(p)` (padding is zero).
+  local_grad_sq_sum  sums g^2 over this rank's gradient partitions; one all-reduce of that
+                     scalar gives the global ||g||^2 (padding contributes nothing).
+  perturb            writes cast(master + scale * g) into `ds_tensor`: the next forward gathers
+                     theta + eps*. (Writing the fp32 master instead would not be seen.)
+  restore            writes cast(master) back: bit-exact, no backup copy needed, because the
+                     master partition IS theta and it is never touched by the perturbation.
+  Persistent parameters (numel <= stage3_param_persistence_threshold) keep a gathered full
+  copy that ignores `ds_tensor` edits; they are re-partitioned and re-gathered after each
+  perturb and restore so the forward sees the same weights as the partitioned ones.
+
+ZeRO-2 (Zero2ParameterSpace). Weights are whole on every rank; each rank owns a fragment of
+the fp32 master and of the reduced gradient of each parameter (`p._hp_mapping`). Each rank
+computes its fragments of theta + eps* (or theta), writes them into a zero buffer of all
+trainable elements, and one all-reduce(SUM) assembles the full tensors (fragments are
+disjoint, so the sum is exact); the result is cast into the weights.
+
+Internals used here are those of DeepSpeed 0.19 (pinned by the tests that compare every
+path against a single-process reference).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from sare_ds.train.params import ParameterSpace
+
+
+def _by_device(*lists):
+    """Group parallel lists of tensors by the device of the first list (foreach needs one device)."""
+    groups: dict = {}
+    for items in zip(*lists):
+        groups.setdefault(items[0].device, []).append(items)
+    return [tuple(list(col) for col in zip(*g)) for g in groups.values()]
+
+
+class _ZeroSpace(ParameterSpace):
+    def __init__(self, engine):
+        self.engine = engine
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the DeepSpeed engine has no trainable parameters")
+        self._perturbed = False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def zero_grad(self) -> None:
+        # engine.zero_grad() only drops param.grad; the ZeRO optimizer's zero_grad also resets
+        # its accumulation state, so the next backward overwrites the gradient partitions.
+        self.engine.optimizer.zero_grad()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def clip_and_step(self, grad_norm: torch.Tensor) -> None:
+        # DeepSpeed clips with `gradient_clipping` (filled from optim.clip_grad_norm) using its
+        # own global norm of the same accumulated gradient, then steps optimizer and schedule.
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+class Zero3ParameterSpace(_ZeroSpace):
+    def __init__(self, engine):
+        super().__init__(engine)
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+        self._get_master = safe_get_local_fp32_param
+        self._get_grad = safe_get_local_grad
+        self.persistent = [p for p in self.params if getattr(p, "ds_persist", False)]
+        for p in self.params:
+            master = self._get_master(p)
+            if master.numel() != p.ds_tensor.numel():
+                raise RuntimeError(f"ZeRO-3 partition sizes differ (weights {p.ds_tensor.numel()}, master "
+                                   f"{master.numel()}); this DeepSpeed version is not supported by sare_ds")
+            if master.data_ptr() == p.ds_tensor.data_ptr():
+                raise RuntimeError("the fp32 master partition aliases the weights; exact restore is impossible")
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [p.ds_tensor.data for p in self.params]
+
+    def _masters(self) -> list[torch.Tensor]:
+        return [self._get_master(p) for p in self.params]
+
+    def local_grad_sq_sum(self) -> torch.Tensor:
+        grads = [self._get_grad(p) for p in self.params]
+        return kernels.sum_of_squares(grads).to(grads[0].device)
+
+    def _refresh_persistent(self) -> None:
+        # Persistent params keep a full gathered copy that does not follow ds_tensor: drop it
+        # and gather it again from the (edited) partitions.
+        if self.persistent:
+            self.persistent[0].partition(param_list=self.persistent)
+            self.persistent[0].all_gather(param_list=self.persistent)
+
+    @torch.no_grad()
+    def perturb(self, scale: torch.Tensor) -> None:
+        if self._perturbed:
+            raise RuntimeError("perturb() called twice without restore()")
+        self._perturbed = True
+        grads = [self._get_grad(p) for p in self.params]
+        for weights, masters, gs in _by_device(self._weights(), self._masters(), grads):
+            dev = weights[0].device
+            kernels.perturb_(weights, [m.to(dev) for m in masters], [g.to(dev) for g in gs], scale.to(dev))
+        self._refresh_persistent()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if not self._perturbed:
+            return
+        for weights, masters in _by_device(self._weights(), self._masters()):
+            kernels.restore_(weights, [m.to(weights[0].device) for m in masters])
+        self._refresh_persistent()
+        self._perturbed = False
+
+
+class Zero2ParameterSpace(_ZeroSpace):
+    def __init__(self, engine):
+        super().__init__(engine)
+        self._offsets = []
+        total = 0
+        for p in self.params:
+            self._offsets.append(total)
+            total += p.numel()
+        self._total = total
+
+    def _fragments(self):
+        """(param, flat offset, fragment start, master fragment, grad fragment or None) for owned fragments."""
+        for p, off in zip(self.params, self._offsets):
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            yield p, off, mapping
+
+    def local_grad_sq_sum(self) -> torch.Tensor:
+        grads = [m.get_lp_grad_fragment(p._index_in_param_group) for p, _, m in self._fragments()]
+        device = self.params[0].device
+        return kernels.sum_of_squares(grads).to(device) if grads else torch.zeros((), device=device)
+
+    def _assemble(self, scale: torch.Tensor | None) -> None:
+        """weights <- cast(master + scale * g) (or cast(master)), assembled from all ranks' fragments."""
+        device = self.params[0].device
+        flat = torch.zeros(self._total, dtype=torch.float32, device=device)
+        for p, off, m in self._fragments():
+            addr = m.lp_fragment_address
+            piece = flat.narrow(0, off + addr.start, addr.numel)
+            master = m.get_hp_fragment().to(device).float().flatten()
+            if scale is None:
+                piece.copy_(master)
+            else:
+                grad = m.get_lp_grad_fragment(p._index_in_param_group).to(device).float().flatten()
+                piece.copy_(master + scale.to(device) * grad)
+        # Fragments are disjoint and the rest is zero: the sum over ranks is exact.
+        self.all_reduce_sum(flat)
+        for p, off in zip(self.params, self._offsets):
+            p.data.copy_(flat.narrow(0, off, p.numel()).view_as(p))
+
+    @torch.no_grad()
+    def perturb(self, scale: torch.Tensor) -> None:
+        if self._perturbed:
+            raise RuntimeError("perturb() called twice without restore()")
+        self._perturbed = True
+        self._assemble(scale)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if not self._perturbed:
+            return
+        self._assemble(None)
+        self._perturbed = False
+
+
+def zero_parameter_space(engine, stage: int) -> ParameterSpace:
+    if stage == 3:
+        return Zero3ParameterSpace(engine)
+    if stage == 2:
+        return Zero2ParameterSpace(engine)
+    raise ValueError(f"ZeRO stage {stage} is not supported (use 2 or 3)")
