@@ -11,7 +11,7 @@ setup(
     description="Sharpness-aware robust erasure (SARE) of hallucinations in multimodal LLMs, on DeepSpeed",
     python_requires=">=3.10",
     packages=find_packages(include=["sare_ds", "sare_ds.*", "kernels", "kernels.*"]),
-    package_data={"sare_ds": ["resources/*"]},
+    package_data={"sare_ds": ["resources/*", "resources/pope/*"]},
     install_requires=[
         # torch is deliberately unpinned here: launch/setup_env.sh pins it through a
         # constraint file (CPU wheel on CPU machines, the machine's own CUDA build on GPUs).
@@ -30,6 +30,7 @@ setup(
         "numpy",
         "pillow",
         "matplotlib",
+        "nltk",  # BLEU (corpus_bleu); no nltk data is downloaded
         "triton; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout"]},

@@ -1,8 +1,36 @@
 """Flat-buffer primitives of the SARE step: gradient sum of squares, perturb and restore.
 
-`kernels.reference` is the torch implementation (foreach ops), used on every device and
-the reference the fused Triton kernels are tested against.
-"""
-from kernels.reference import perturb_, restore_, sum_of_squares
+    sum_of_squares(tensors) -> fp32 0-dim tensor         deterministic, fp32 accumulation
+    perturb_(params, masters, grads, scale)               params <- cast(master + scale * g)
+    restore_(params, masters)                             params <- cast(master), bit-exact
+    perturb_with_backup_(params, grads, scale, backups)   no-master mode: theta -> backups
+    restore_from_(params, backups)                        params <- backups, bit-exact
+    set_backend("auto" | "triton" | "torch" | None)       or env SARE_KERNELS; see dispatch
 
-__all__ = ["perturb_", "restore_", "sum_of_squares"]
+Each call runs the fused Triton kernels (`kernels.triton_sam`) where Triton can run, and the
+torch reference (`kernels.reference`, foreach ops) otherwise; both give the same results.
+Triton is imported lazily, on the first call that can use it. Benchmark: `python -m kernels.bench`.
+"""
+from kernels.dispatch import (
+    BACKENDS,
+    get_backend,
+    perturb_,
+    perturb_with_backup_,
+    restore_,
+    restore_from_,
+    set_backend,
+    sum_of_squares,
+    triton_unavailable_reason,
+)
+
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "perturb_",
+    "perturb_with_backup_",
+    "restore_",
+    "restore_from_",
+    "set_backend",
+    "sum_of_squares",
+    "triton_unavailable_reason",
+]

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (output.resume=true)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. method.rho=0.1")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # `--resume` may come after the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, args.overrides + (["output.resume=true"] if args.resume else []))
     run_dir = train(cfg)

@@ -59,8 +59,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
-    """Where training samples come from: `synthetic` (generated scenes, the embedded default)."""
+    source: str = "shards"
+    """Where training samples come from: `shards` (curated WebDataset shards, data.shards) or
+    `synthetic` (generated scenes with oracle scores, no curation)."""
+    shards: str = "runs/quickstart-data/curated"
+    """Curated shards: a curation output directory, a brace pattern or a comma-separated list."""
+    shuffle_buffer: int = 1000
+    """Samples in each kind's shuffle buffer of the shard stream."""
+    skip_corrupt: bool = False
+    """Skip (and count) corrupt shard members instead of stopping with an error."""
+    allow_remote: bool = False
+    """Allow `pipe:` and remote (http/s3/gs) shard URLs."""
     prompt: str = EFUF_CAPTION_PROMPT
     """User prompt that preceded each caption (the caption prompt of curation)."""
     num_images: int = 48
@@ -123,6 +132,9 @@ class OptimConfig:
     """Linear warm-up steps before the constant/cosine schedule."""
     schedule: str = "constant"
     """Learning-rate schedule after warm-up: `constant` or `cosine`."""
+    kernels: str = "auto"
+    """Perturb/restore/norm primitives: auto (fused Triton kernels where Triton runs, else torch),
+    triton (error if it cannot run) or torch (foreach reference)."""
     check_finite: bool = True
     """Before each optimizer step check the loss and gradient norm are finite (one host sync a step); a
     non-finite value stops the run with the weights of the last good step."""
@@ -328,6 +340,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1", "use 1")
     _require(o.clip_grad_norm >= 0, "optim.clip_grad_norm", o.clip_grad_norm, "must be >= 0", "0 disables clipping")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0", "use 0")
+    _require(o.kernels in ("auto", "triton", "torch"), "optim.kernels", o.kernels, "must be auto, triton or torch",
+             "use auto")
     _require(o.schedule in ("constant", "cosine"), "optim.schedule", o.schedule, "must be constant or cosine", "use constant")
     _require(mo.dtype in ("float32", "bfloat16", "float16"), "model.dtype", mo.dtype,
              "must be float32, bfloat16 or float16", "use bfloat16 on GPUs, float32 on CPU")
@@ -339,7 +353,12 @@ def validate(cfg: TrainConfig) -> None:
     _require(mo.lora_r > 0, "model.lora_r", mo.lora_r, "must be > 0", "use 8")
     _require(0 <= mo.lora_dropout < 1, "model.lora_dropout", mo.lora_dropout, "must be in [0, 1)", "use 0.0")
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1", "use 1-50")
-    _require(d.source in ("synthetic",), "data.source", d.source, "unknown data source", "use synthetic")
+    _require(d.source in ("shards", "synthetic"), "data.source", d.source, "unknown data source",
+             "use shards (curated by launch/curate.py) or synthetic")
+    if d.source == "shards":
+        _require(bool(d.shards), "data.shards", d.shards, "data.source=shards needs shards",
+                 "point it at the output.dir of launch/curate.py")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1", "use 1000")
     _require(cfg.distributed.backend in ("auto", "nccl", "gloo"), "distributed.backend", cfg.distributed.backend,
              "must be auto, nccl or gloo", "use auto")
     if cfg.distributed.ds_config:

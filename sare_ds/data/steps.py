@@ -19,12 +19,14 @@ T = TypeVar("T")
 
 class StepComposer(Generic[T]):
     def __init__(self, by_kind: dict[str, list[T]], per_step: dict[str, int], grad_accum_steps: int,
-                 epochs: int, seed: int, max_steps: int = 0, rank: int = 0, world_size: int = 1):
+                 epochs: int, seed: int, max_steps: int = 0, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0):
         self.by_kind = by_kind
         self.per_step = {k: per_step.get(k, 0) for k in KINDS}
         self.grad_accum_steps = grad_accum_steps
         self.seed = seed
         self.rank, self.world_size = rank, world_size
+        self.start_step = start_step  # resume: the first start_step steps are composed and passed over
         for k, n in self.per_step.items():
             if n > 0 and not by_kind.get(k):
                 raise ValueError(
@@ -57,9 +59,10 @@ class StepComposer(Generic[T]):
 
     def __iter__(self) -> Iterator[list[dict[str, list[T]]]]:
         streams = {k: self._stream(k) for k, n in self.per_step.items() if n > 0}
-        for _ in range(self.num_steps):
+        for index in range(self.num_steps):
             step = [
                 {k: [next(streams[k]) for _ in range(n)] for k, n in self.per_step.items() if n > 0}
                 for _ in range(self.grad_accum_steps * self.world_size)
             ]
-            yield step[self.rank * self.grad_accum_steps:(self.rank + 1) * self.grad_accum_steps]
+            if index >= self.start_step:
+                yield step[self.rank * self.grad_accum_steps:(self.rank + 1) * self.grad_accum_steps]

@@ -76,3 +76,42 @@ def generate_samples(num_images: int, image_size: int, prompt: str, seed: int) -
         if hallucinated is None:
             samples.append(Sample(image, prompt, "", caption, "sent", "", PRESENT_SCORE, image_id))
     return samples
+
+
+# COCO's own category ids for the generator's objects.
+COCO_IDS = {"bird": 16, "cat": 17, "dog": 18, "cup": 47, "chair": 62, "car": 3}
+
+
+def write_coco_scenes(out_dir, num_images: int, image_size: int, seed: int,
+                      hallucination_rate: float = 0.0, name_format: str = "{:06d}.png") -> list[dict]:
+    """Draw scenes into <out_dir>/images and write <out_dir>/instances.json (COCO format).
+
+    Returns one record per image: {"image": COCO image entry, "present": [...], "absent": [...],
+    "hallucinated": name or None}; with probability `hallucination_rate` an image gets one absent
+    object named as hallucinated (for captions that mimic an MLLM's). Callers write their own
+    captions/questions from these records.
+    """
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = list(OBJECTS)
+    records, annotations = [], []
+    for idx in range(num_images):
+        present = rng.sample(names, rng.randint(1, 3))
+        absent = [n for n in names if n not in present]
+        hallucinated = rng.choice(absent) if rng.random() < hallucination_rate else None
+        image = {"id": idx + 1, "file_name": name_format.format(idx + 1), "width": image_size, "height": image_size}
+        draw_scene(present, image_size, rng).save(out / "images" / image["file_name"])
+        for name in present:
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": COCO_IDS[name],
+                                "bbox": [0, 0, image_size, image_size], "area": image_size * image_size,
+                                "iscrowd": 0})
+        records.append({"image": image, "present": present, "absent": absent, "hallucinated": hallucinated,
+                        "rng": rng})
+    categories = [{"id": COCO_IDS[n], "name": n, "supercategory": "object"} for n in names]
+    (out / "instances.json").write_text(json.dumps({"images": [r["image"] for r in records],
+                                                    "annotations": annotations, "categories": categories}))
+    return records

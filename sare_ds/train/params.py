@@ -2,7 +2,8 @@
 
 The SARE step (sare_ds/train/step.py) is written once against `ParameterSpace`:
 
-    backward(loss)          accumulate d loss / d theta into this rank's gradient storage
+    backward(loss, boundary) accumulate d loss / d theta into this rank's gradient storage;
+                            boundary=False: more backwards add to it before it is read
     zero_grad()             clear that storage (and any accumulation state)
     local_grad_sq_sum()     fp32 sum of g^2 over the gradient elements this rank holds
     all_reduce_sum(x)       sum a scalar over ranks (identity in one process)
@@ -29,7 +30,9 @@ class NonFiniteError(FloatingPointError):
 
 class ParameterSpace(ABC):
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        """`boundary` is False when further backwards add to this gradient before anything reads
+        it (a backend may then defer its reduction: ZeRO-2 does)."""
 
     @abstractmethod
     def zero_grad(self) -> None: ...
@@ -92,7 +95,7 @@ class PlainParameterSpace(ParameterSpace):
         # A parameter the loss did not reach has grad None: it counts as a zero gradient.
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         loss.backward()
 
     def zero_grad(self) -> None:
@@ -106,16 +109,21 @@ class PlainParameterSpace(ParameterSpace):
     def perturb(self, scale: torch.Tensor) -> None:
         if self._backup is not None:
             raise RuntimeError("perturb() called twice without restore()")
-        # Plain fp32 training has no separate master copy, so theta is kept here: restoring
-        # from a copy is exact, re-subtracting eps is not.
-        self._backup = [p.detach().clone() for p in self.params]
-        kernels.perturb_([p.data for p in self.params], self._backup, self._grads(), scale)
+        # Plain fp32 training has no separate master copy, so theta must be kept: the fused
+        # pass writes it into the gradient buffer (dead once eps* is formed; no new memory)
+        # while writing theta + scale * g into the weights. Restoring copies it back exactly;
+        # re-subtracting eps would not be exact.
+        grads = self._grads()
+        kernels.perturb_with_backup_([p.data for p in self.params], grads, scale, grads)
+        self._backup = grads
+        for p in self.params:
+            p.grad = None  # the buffer now holds theta, not a gradient
 
     @torch.no_grad()
     def restore(self) -> None:
         if self._backup is None:
             return
-        kernels.restore_([p.data for p in self.params], self._backup)
+        kernels.restore_from_([p.data for p in self.params], self._backup)
         self._backup = None
 
     @torch.no_grad()

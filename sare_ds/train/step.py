@@ -64,17 +64,23 @@ class UnlearningStep:
         nll = per_sample_nll(logits, batch["labels"])
         return kind_losses(nll, batch["kind"], batch["score"], self.method.score_weighting)
 
-    def _accumulate(self, micro_batches: list[dict], group: str, weights: dict[str, float]) -> dict:
-        """Backward of sum_k weights[k] * L_k, averaged over micro-batches; returns the L_k (detached)."""
+    def _accumulate(self, micro_batches: list[dict], group: str, weights: dict[str, float],
+                    read_after: bool = True) -> dict:
+        """Backward of sum_k weights[k] * L_k, averaged over micro-batches; returns the L_k (detached).
+
+        read_after: the gradient is read right after this pass (norm, perturbation or optimizer
+        step), so its last backward is a reduction boundary.
+        """
         n = len(micro_batches)
+        last = max((i for i, mb in enumerate(micro_batches) if mb.get(group) is not None), default=-1)
         means: dict[str, torch.Tensor] = {}
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             batch = mb.get(group)
             if batch is None:
                 continue
             terms = self._terms(batch)
             loss = sum(w * terms[k] for k, w in weights.items())
-            self.space.backward(loss / n)
+            self.space.backward(loss / n, boundary=read_after and i == last)
             for k in weights:
                 means[k] = means.get(k, 0.0) + terms[k].detach() / n
         return means
@@ -104,7 +110,9 @@ class UnlearningStep:
             try:
                 with t("neg_at_eps"):
                     self.space.zero_grad()
-                    neg_at_eps = self._accumulate(micro_batches, "neg", {"neg": m.lambda1})["neg"]
+                    has_cap = any(mb.get("cap") is not None for mb in micro_batches)
+                    neg_at_eps = self._accumulate(micro_batches, "neg", {"neg": m.lambda1},
+                                                  read_after=not has_cap)["neg"]
             finally:
                 with t("restore"):
                     self.space.restore()                                                 # 4. theta, exactly

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import kernels
 from sare_ds.config import TrainConfig, save_config
 from sare_ds.data.samples import KINDS, BadSampleError
 from sare_ds.data.steps import StepComposer
@@ -78,14 +79,6 @@ def lr_multiplier(optim_cfg, total_steps: int):
     return factor
 
 
-def load_samples(cfg: TrainConfig):
-    if cfg.data.source == "synthetic":
-        from sare_ds.data.synthetic import generate_samples
-
-        return generate_samples(cfg.data.num_images, cfg.data.image_size, cfg.data.prompt, cfg.optim.seed)
-    raise ValueError(f"data.source = {cfg.data.source!r}: unknown; use synthetic")
-
-
 def tokenize_all(samples, adapter, max_length: int):
     """Tokenised samples by kind; bad samples are skipped, counted by reason and logged."""
     by_kind = {k: [] for k in KINDS}
@@ -100,6 +93,34 @@ def tokenize_all(samples, adapter, max_length: int):
             continue
         by_kind[s.kind].append(t)
     return by_kind, skipped
+
+
+def build_data(cfg: TrainConfig, adapter, info: DistInfo, start_step: int):
+    """The per-step micro-batches of this rank (from shards or generated scenes) and a data report."""
+    per_step = {"pos": cfg.data.pos_per_step, "neg": cfg.data.neg_per_step, "sent": cfg.data.sent_per_step}
+    if cfg.method.name == "ft":
+        per_step["neg"] = 0  # plain fine-tuning never sees hallucinated spans
+    if cfg.data.source == "shards":
+        from sare_ds.data.stream import ShardStream
+
+        shards = cfg.data.shards.split(",") if "," in cfg.data.shards else cfg.data.shards
+        stream = ShardStream(
+            shards, adapter, per_step=per_step, grad_accum_steps=cfg.optim.grad_accum_steps, epochs=cfg.optim.epochs,
+            seed=cfg.optim.seed, max_steps=cfg.optim.max_steps, max_length=cfg.data.max_length, rank=info.rank,
+            world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+            start_step=start_step, skip_corrupt=cfg.data.skip_corrupt, allow_remote=cfg.data.allow_remote)
+        report = {"source": "shards", "shards": cfg.data.shards, "steps": len(stream),
+                  "dropped_per_epoch": getattr(stream, "dropped_per_epoch", None)}
+        return stream, report
+    from sare_ds.data.synthetic import generate_samples
+
+    samples = generate_samples(cfg.data.num_images, cfg.data.image_size, cfg.data.prompt, cfg.optim.seed)
+    by_kind, skipped = tokenize_all(samples, adapter, cfg.data.max_length)
+    composer = StepComposer(by_kind, per_step, cfg.optim.grad_accum_steps, cfg.optim.epochs, cfg.optim.seed,
+                            cfg.optim.max_steps, rank=info.rank, world_size=info.world_size, start_step=start_step)
+    report = {"source": "synthetic", "samples": {k: len(v) for k, v in by_kind.items()}, "skipped": skipped,
+              "steps": len(composer)}
+    return composer, report
 
 
 # ------------------------------------------------------------------------------ runtimes
@@ -194,17 +215,18 @@ def load_checkpoint(rt: Runtime, run_dir: Path) -> int:
     if not (ckpt / "latest").is_file():
         raise FileNotFoundError(f"output.resume=true but {ckpt} has no checkpoint ('latest' missing); "
                                 "fix: drop output.resume or point output.run_dir at the interrupted run")
-    path, client = rt.engine.load_checkpoint(str(ckpt))
+    tag = (ckpt / "latest").read_text().strip()
+    path, client = rt.engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt / tag}")
     step = int(client["step"])
-    rng = torch.load(Path(path) / f"rng_rank{rt.dist.rank:05d}.pt", weights_only=False)
+    rng = torch.load(ckpt / tag / f"rng_rank{rt.dist.rank:05d}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    log.info("resumed from %s at step %d", path, step)
+    log.info("resumed from %s at step %d", ckpt / tag, step)
     return step
 
 
@@ -236,19 +258,11 @@ def train(cfg: TrainConfig) -> Path:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    by_kind, skipped = tokenize_all(load_samples(cfg), adapter, cfg.data.max_length)
-    per_step = {"pos": cfg.data.pos_per_step, "neg": cfg.data.neg_per_step, "sent": cfg.data.sent_per_step}
-    if cfg.method.name == "ft":
-        per_step["neg"] = 0  # plain fine-tuning never sees hallucinated spans
-    composer = StepComposer(by_kind, per_step, cfg.optim.grad_accum_steps, cfg.optim.epochs,
-                            cfg.optim.seed, cfg.optim.max_steps, rank=info.rank, world_size=info.world_size)
-    total = len(composer)
-    if info.is_main:
-        (run_dir / "data.json").write_text(json.dumps({
-            "samples": {k: len(v) for k, v in by_kind.items()}, "skipped": skipped,
-            "steps": total, "world_size": info.world_size, "trainable": trainable_names,
-        }, indent=1))
-
+    # The step count fixes the LR schedule, so the data comes before the engine; on resume the
+    # iterator is rebuilt at the checkpoint's step once that has been read.
+    batches, data_report = build_data(cfg, adapter, info, 0)
+    total = data_report["steps"]
+    kernels.set_backend(cfg.optim.kernels)
     rt = (build_deepspeed(cfg, model, params, ds_config, info, total) if use_ds
           else build_plain(cfg, model, params, total))
     timer = PhaseTimer(rt.device)
@@ -258,15 +272,18 @@ def train(cfg: TrainConfig) -> Path:
     if pad_id is None:
         pad_id = adapter.tokenizer.eos_token_id
     start = load_checkpoint(rt, run_dir) if cfg.output.resume else 0
+    if start:
+        batches, _ = build_data(cfg, adapter, info, start)  # the data position of the checkpoint
+    if info.is_main:
+        (run_dir / "data.json").write_text(json.dumps(
+            {**data_report, "world_size": info.world_size, "trainable": trainable_names}, indent=1, default=str))
 
     logger = MetricLogger(run_dir, cfg.logging, total, enabled=info.is_main)
     logger.advance(start)
     status, last = "completed", {}
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     try:
-        for step_idx, micro in enumerate(composer, start=1):
-            if step_idx <= start:
-                continue  # already trained before the interruption (data order is a function of the step)
+        for step_idx, micro in enumerate(batches, start=start + 1):
             groups = [collate_groups(mb, cfg.method.name, pad_id) for mb in micro]
             samples_since += sum(len(v) for mb in micro for v in mb.values())
             tokens_since += sum(len(s.input_ids) for mb in micro for v in mb.values() for s in v)

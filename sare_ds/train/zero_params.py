@@ -48,7 +48,9 @@ class _ZeroSpace(ParameterSpace):
             raise ValueError("the DeepSpeed engine has no trainable parameters")
         self._perturbed = False
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        # ZeRO-3 reduces every backward into the partitions and adds them up until
+        # optimizer.zero_grad(), so the flag is not needed there.
         self.engine.backward(loss)
 
     def zero_grad(self) -> None:
@@ -126,6 +128,13 @@ class Zero3ParameterSpace(_ZeroSpace):
 
 
 class Zero2ParameterSpace(_ZeroSpace):
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        # ZeRO-2 reduces at accumulation boundaries only, overwriting the reduced partitions; the
+        # backwards in between accumulate locally. Marking only the last backward before a read
+        # as a boundary makes lambda1 g_neg(theta + eps*) and g_cap(theta) one reduced sum.
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss)
+
     def __init__(self, engine):
         super().__init__(engine)
         self._offsets = []

@@ -1,0 +1,67 @@
+"""Attack unlearned models (relearning, LoRA, adversarial prompts), probe sharpness, write the report.
+
+    python launch/attack.py --base runs/models/tiny-llava --method base=base --method SARE=runs/quickstart \
+        --scenes runs/eval-scenes --data synthetic --out runs/report
+    # real models: --data runs/curated (neg shards), --instances/--captions/--image-dir as in evaluate.py
+
+Writes <out>/report.md (one table: every method under every attack, with changes),
+report.json, relearn_curve.png (CHAIR_S against relearning samples, one line per method),
+landscape.png (the sharpness probe) and config.json. Only wires sare_ds.eval together.
+"""
+import argparse
+import dataclasses
+from pathlib import Path
+
+import sare_ds  # noqa: F401  (torchvision guard before transformers)
+from sare_ds.eval.evaluate import EvalConfig, EvalData
+from sare_ds.eval.pope import packaged_pope_files
+from sare_ds.eval.suite import AttackConfig, run_attack_suite
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes")
+    if isinstance(default, list):
+        return lambda s: [int(x) for x in s.split(",") if x]
+    return type(default)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", action="append", required=True,
+                    help="name=run_dir, or name=base for the base checkpoint (repeatable, report order)")
+    ap.add_argument("--base", help="base checkpoint (needed for name=base; default: each run's own)")
+    ap.add_argument("--scenes", help="folder of a generated scene eval set (written if missing)")
+    ap.add_argument("--scene-images", type=int, default=16)
+    ap.add_argument("--instances", nargs="*", default=[])
+    ap.add_argument("--captions", nargs="*", default=[])
+    ap.add_argument("--image-dir")
+    ap.add_argument("--pope", nargs="*", default=[], help="`packaged` or split=file ... (unattacked models only)")
+    ap.add_argument("--out", default="runs/report")
+    groups = {"eval": EvalConfig, "attack": AttackConfig}
+    for prefix, cls in groups.items():
+        for f in dataclasses.fields(cls):
+            flag = f"--{f.name.replace('_', '-')}" if prefix == "attack" else f"--eval-{f.name.replace('_', '-')}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            ap.add_argument(flag, dest=f"{prefix}__{f.name}", type=_flag_type(default), default=default)
+    a = ap.parse_args()
+    if a.scenes:
+        from sare_ds.eval.scenes import write_scene_eval_set
+
+        if not (Path(a.scenes) / "eval_set.json").is_file():
+            write_scene_eval_set(a.scenes, a.scene_images, seed=1)
+        data = EvalData.from_eval_set(Path(a.scenes) / "eval_set.json")
+    else:
+        pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
+        data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope)
+    cfgs = {p: cls(**{f.name: getattr(a, f"{p}__{f.name}") for f in dataclasses.fields(cls)}) for p, cls in groups.items()}
+    methods = {}
+    for item in a.method:
+        name, _, path = item.partition("=")
+        methods[name] = None if path in ("", "base") else path
+    run_attack_suite(methods, data, cfgs["attack"], eval_cfg=cfgs["eval"], out_dir=a.out, base=a.base)
+    print((Path(a.out) / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""EFUF curation without human labels (docs/method.md section 2, docs/curation.md).
+
+  config          the curation config tree (input, caption, model, clip, split, output, calibration)
+  inputs          image folder / COCO layout / WebDataset shards -> deterministic chunks of items
+  scoring         CLIP scores (100 x cosine): EFUF's sliding-window local score and a global mode
+  split           caption + object scores -> pos / neg / sent samples (context, target)
+  pipeline        the run: chunks over ranks, shards (sare_ds.data.shards), resume, manifest, histogram
+  calibrate       propose t0 / t1 / t2 for another CLIP from present / absent score distributions
+  synthetic_coco  the generated scenes as a COCO-style folder (quickstart input)
+  benchmark       throughput figures: curation images/s, window-reuse speed-up, stream samples/s
+
+Entry point: `python launch/curate.py --help`.
+"""

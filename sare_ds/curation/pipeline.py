@@ -1,0 +1,354 @@
+"""EFUF curation (docs/method.md section 2): caption, find objects, score them with CLIP, split
+into pos / neg / sent samples and write WebDataset shards, a manifest and a score histogram.
+
+    manifest = curate(load_curation_config("curate.yaml", overrides))
+
+Work is cut into chunks of `output.images_per_chunk` input images (one input shard for
+shard inputs). Chunk c is done by rank c % world_size and writes `pos-c.tar`, `neg-c.tar`,
+`sent-c.tar` (kinds with no sample are not written), each under a temporary name renamed
+when complete, then its record `.chunks/chunk-c.json` (counts, skipped inputs by reason,
+scores) last: that record is the chunk's "done" mark, so an interrupted run redoes only the
+chunks without one. Rank 0 writes manifest.json and scores.png when all chunks are done.
+
+The captioner and the scorer are injectable (tests use fake captions and stub encoders):
+captioner(images, prompt, image_ids) -> captions; scorer.score(images, objects per image) -> scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from sare_ds.curation.calibrate import plot_scores
+from sare_ds.curation.config import CurationConfig, save_curation_config
+from sare_ds.curation.inputs import LoadedImage, load_item, open_source
+from sare_ds.curation.split import ObjectScore, first_mentions, split_caption
+from sare_ds.data.samples import KINDS
+from sare_ds.data.shards import MANIFEST, ShardWriter, make_record, shard_name
+
+log = logging.getLogger("sare_ds.curation")
+
+CHUNKS = ".chunks"
+FORMAT = "sare_ds curated shards v1"
+# Fields that do not change what a chunk contains: a resumed run may change them.
+NON_SEMANTIC = {("output", "resume"), ("clip", "device"), ("clip", "batch_size"), ("caption", "batch_size"),
+                ("output", "histogram_bins")}
+
+Captioner = Callable[[list, str, list[str]], list[str]]
+
+
+class ResumeMismatchError(ValueError):
+    """The output directory holds a run made with a different configuration."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        if not torch.distributed.is_initialized():
+            # Launched by torchrun / deepspeed: the env holds the rendezvous. Only a barrier is needed,
+            # so gloo (CPU) is enough whatever the devices.
+            torch.distributed.init_process_group("gloo")
+        torch.distributed.barrier()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("sare_ds", "torch", "open_clip_torch", "webdataset", "transformers", "pillow", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def semantic_config(cfg: CurationConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    for section, name in NON_SEMANTIC:
+        d[section].pop(name, None)
+    return d
+
+
+def load_chunk_records(out_dir: str | Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(out_dir) / CHUNKS).glob("chunk-*.json"))]
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def encode_image(img: LoadedImage, fmt: str, jpeg_quality: int) -> bytes:
+    if img.format == fmt:
+        return img.data  # already in the output format: copy, no second lossy encoding
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.image.save(buf, format="PNG")
+    else:
+        img.image.save(buf, format="JPEG", quality=jpeg_quality)
+    return buf.getvalue()
+
+
+def model_captioner(cfg: CurationConfig, device=None) -> Captioner:
+    """The MLLM of cfg.model, decoding as cfg.caption says (sare_ds.models.generate)."""
+    from sare_ds.models import load_mllm
+    from sare_ds.models.generate import generate_responses
+
+    adapter = load_mllm(cfg.model)
+    if device is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    adapter.model.to(device)
+    c = cfg.caption
+
+    def caption(images: list, prompt: str, image_ids: list[str]) -> list[str]:  # noqa: ARG001
+        return generate_responses(adapter, images, prompt, max_new_tokens=c.max_new_tokens, do_sample=c.do_sample,
+                                  temperature=c.temperature, top_p=c.top_p, num_beams=c.num_beams,
+                                  batch_size=c.batch_size, device=device)
+
+    return caption
+
+
+def annotations_captioner(path: str | Path) -> Captioner:
+    """Captions looked up by image id in a COCO captions JSON (missing ids give empty captions)."""
+    table = annotation_captions(path)
+
+    def caption(images: list, prompt: str, image_ids: list[str]) -> list[str]:  # noqa: ARG001
+        return [table.get(i, "") for i in image_ids]
+
+    return caption
+
+
+def annotation_captions(path: str | Path) -> dict[str, str]:
+    """image id -> first caption of a COCO captions JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption.captions_file = {str(path)!r} does not exist; pass a COCO captions JSON")
+    data = json.loads(path.read_text())
+    if "annotations" not in data:
+        raise ValueError(f"caption.captions_file = {str(path)!r} has no `annotations` list of "
+                         "{{image_id, caption}}; pass a COCO captions JSON")
+    out: dict[str, str] = {}
+    for ann in data["annotations"]:
+        out.setdefault(str(ann["image_id"]), str(ann.get("caption", "")))
+    return out
+
+
+# --------------------------------------------------------------------------- one chunk
+
+class ChunkCurator:
+    """Turns one chunk of input items into shards + a chunk record."""
+
+    def __init__(self, cfg: CurationConfig, out_dir: Path, captioner: Captioner, scorer, vocabulary):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.captioner, self.scorer, self.vocabulary = captioner, scorer, vocabulary
+
+    def run(self, index: int, items) -> dict:
+        cfg = self.cfg
+        rec = {"chunk": index, "images": 0, "curated_images": 0, "skipped": {}, "dropped": {},
+               "counts": {k: 0 for k in KINDS}, "shards": [], "scores": []}
+        writers: dict[str, ShardWriter] = {}
+        torch.manual_seed(cfg.caption.seed + index)  # sampled captions do not depend on which rank ran the chunk
+        try:
+            batch = []
+            for item in items:
+                rec["images"] += 1
+                img, reason = load_item(item)
+                if img is None:
+                    self._skip(rec, reason)
+                    continue
+                batch.append((item, img))
+                if len(batch) == cfg.caption.batch_size:
+                    self._process(batch, rec, writers, index)
+                    batch = []
+            if batch:
+                self._process(batch, rec, writers, index)
+            for kind, w in writers.items():
+                rec["shards"].append({"name": w.path.name, "kind": kind, "count": w.commit(), "chunk": index})
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        _write_json_atomic(self.out_dir / CHUNKS / f"chunk-{index:06d}.json", rec)
+        return rec
+
+    @staticmethod
+    def _skip(rec: dict, reason: str, n: int = 1) -> None:
+        rec["skipped"][reason] = rec["skipped"].get(reason, 0) + n
+
+    def _process(self, batch, rec: dict, writers: dict, index: int) -> None:
+        cfg = self.cfg
+        captions = self.captioner([img.image for _, img in batch], cfg.caption.prompt,
+                                  [item.image_id for item, _ in batch])
+        if len(captions) != len(batch):
+            raise RuntimeError(f"captioner returned {len(captions)} captions for {len(batch)} images")
+        keep = []
+        for (item, img), caption in zip(batch, captions):
+            caption = (caption or "").strip()
+            if not caption:
+                self._skip(rec, "empty_caption")
+                continue
+            mentions = first_mentions(self.vocabulary.mentions(caption))
+            if not mentions:
+                self._skip(rec, "no_objects")
+                continue
+            keep.append((item, img, caption, mentions))
+        if not keep:
+            return
+        text = (lambda m: m.word.lower()) if cfg.clip.object_text == "word" else (lambda m: m.category)
+        scores = self.scorer.score([img.image for _, img, _, _ in keep], [[text(m) for m in ms] for *_, ms in keep])
+        s = cfg.split
+        for (item, img, caption, mentions), obj_scores in zip(keep, scores):
+            objects = [ObjectScore(m.category, text(m), m.start, m.end, float(v)) for m, v in zip(mentions, obj_scores)]
+            for o in objects:
+                label = None if item.present is None else (o.category in item.present)
+                rec["scores"].append([o.category, round(o.score, 4), label])
+            samples, dropped = split_caption(caption, objects, s.t0, s.t1, s.t2, s.exclusive_fragments)
+            for reason, n in dropped.items():
+                rec["dropped"][reason] = rec["dropped"].get(reason, 0) + n
+            rec["curated_images"] += 1
+            if not samples:
+                continue
+            data = encode_image(img, cfg.output.image_format, cfg.output.jpeg_quality)
+            for smp in samples:
+                if smp.kind not in writers:
+                    writers[smp.kind] = ShardWriter(self.out_dir / shard_name(smp.kind, index))
+                w = writers[smp.kind]
+                key = f"{index:06d}_{w.count:07d}"
+                w.write(key, data, cfg.output.image_format,
+                        make_record(item.image_id, cfg.caption.prompt, smp.context, smp.target, smp.kind,
+                                    smp.object, smp.score, caption))
+                rec["counts"][smp.kind] += 1
+
+
+# --------------------------------------------------------------------------- the run
+
+def prepare_output(cfg: CurationConfig, out_dir: Path) -> None:
+    """Rank 0: start over or check the resumed run's config; remove half-written files."""
+    chunks = out_dir / CHUNKS
+    saved = chunks / "config.json"
+    if not cfg.output.resume and out_dir.exists():
+        for p in list(out_dir.glob("*.tar")) + list(out_dir.glob("*.tmp")) + [out_dir / MANIFEST]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(chunks, ignore_errors=True)
+    chunks.mkdir(parents=True, exist_ok=True)
+    current = semantic_config(cfg)
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        if previous != current:
+            diff = sorted(f"{s}.{k}" for s in current for k in current[s]
+                          if previous.get(s, {}).get(k) != current[s][k])
+            raise ResumeMismatchError(
+                f"output.dir = {str(out_dir)!r} holds a curation run with a different config (differs in "
+                f"{', '.join(diff) or 'layout'}); resuming would mix samples of two configs. Fix: choose a new "
+                "output.dir, or set output.resume=false to start over there")
+    for p in list(out_dir.glob("*.tmp")) + list(chunks.glob("*.tmp")):
+        p.unlink()  # left by an interrupted writer; its chunk has no record and is redone
+    _write_json_atomic(saved, current)
+    save_curation_config(cfg, out_dir / "curation_config.yaml")
+
+
+def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_desc: str) -> dict:
+    records = load_chunk_records(out_dir)
+    done = {r["chunk"] for r in records}
+    missing = sorted(set(range(num_chunks)) - done)
+    if missing:
+        raise RuntimeError(f"{out_dir}: chunks {missing[:10]} have no record; a rank failed. Fix: run the same "
+                           "command again (finished chunks are kept)")
+    counts = {k: sum(r["counts"][k] for r in records) for k in KINDS}
+    skipped: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    for r in records:
+        for reason, n in r["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        for reason, n in r["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    shards = sorted((s for r in records for s in r["shards"]), key=lambda s: (KINDS.index(s["kind"]), s["chunk"]))
+    scores = [s for r in records for s in r["scores"]]
+    s = cfg.split
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": source_desc,
+        "counts": counts,
+        "images": {"input": sum(r["images"] for r in records), "curated": sum(r["curated_images"] for r in records)},
+        "skipped": dict(sorted(skipped.items())),
+        "dropped_candidates": dict(sorted(dropped.items())),
+        "objects_scored": len(scores),
+        "thresholds": {"t0": s.t0, "t1": s.t1, "t2": s.t2},
+        "shards": shards,
+        "histogram": "scores.png",
+        "config": dataclasses.asdict(cfg),
+        "versions": package_versions(),
+    }
+    labelled = [x for x in scores if x[2] is not None]
+    groups = ({"present (annotated)": [x[1] for x in labelled if x[2]],
+               "absent (not annotated)": [x[1] for x in labelled if not x[2]]}
+              if labelled else {"all objects": [x[1] for x in scores]})
+    plot_scores(out_dir / "scores.png", groups, manifest["thresholds"], cfg.output.histogram_bins,
+                f"Object scores ({cfg.clip.model}, {cfg.clip.mode})")
+    _write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def curate(cfg: CurationConfig, *, captioner: Captioner | None = None, scorer=None, vocabulary=None,
+           rank: int | None = None, world_size: int | None = None, max_chunks: int | None = None) -> dict | None:
+    """Run (or resume) curation; returns the manifest on rank 0 (None on other ranks).
+    `max_chunks` stops after that many chunks of this rank without finalising (tests of resume)."""
+    from sare_ds.objects import CocoVocabulary
+
+    r_env, w_env = rank_and_world()
+    rank = r_env if rank is None else rank
+    world = w_env if world_size is None else world_size
+    out_dir = Path(cfg.output.dir)
+    vocabulary = vocabulary or CocoVocabulary.default()
+    source = open_source(cfg.input, cfg.output.images_per_chunk, vocabulary)
+    chunks = source.chunks()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output(cfg, out_dir)
+    _barrier(world)
+
+    mine = [c for c in range(len(chunks)) if c % world == rank]
+    todo = [c for c in mine if not (out_dir / CHUNKS / f"chunk-{c:06d}.json").is_file()]
+    log.info("rank %d: %s; %d of its %d chunks to do (%d already done)", rank, source.description, len(todo),
+             len(mine), len(mine) - len(todo))
+    if todo:
+        if captioner is None:
+            captioner = (annotations_captioner(cfg.caption.captions_file) if cfg.caption.source == "annotations"
+                         else model_captioner(cfg))
+        if scorer is None:
+            from sare_ds.curation.scoring import ClipScorer
+
+            device = cfg.clip.device
+            if device == "auto":
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            scorer = ClipScorer.from_config(cfg.clip, device)
+        curator = ChunkCurator(cfg, out_dir, captioner, scorer, vocabulary)
+        for n, c in enumerate(tqdm(todo, desc=f"curate rank {rank}", disable=rank != 0, unit="chunk")):
+            if max_chunks is not None and n >= max_chunks:
+                return None
+            curator.run(c, source.items(chunks[c]))
+    _barrier(world)
+    if rank != 0:
+        return None
+    return write_manifest(cfg, out_dir, len(chunks), source.description)
+

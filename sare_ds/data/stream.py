@@ -1,0 +1,313 @@
+"""Training steps streamed from curated WebDataset shards (the shard twin of `steps.StepComposer`).
+
+    stream = ShardStream("runs/curated", adapter, per_step={"pos": 1, "neg": 1, "sent": 1},
+                         grad_accum_steps=1, epochs=1, seed=0, rank=rank, world_size=world,
+                         num_workers=2, start_step=resume_step)
+    for micro_batches in stream:          # list of grad_accum_steps dicts kind -> [TokenizedSample]
+        ...
+
+Each optimizer step gets exactly `per_step[kind]` samples of each kind in each of its
+`grad_accum_steps` micro-batches. An epoch is one pass over the neg samples (the set being
+unlearned; pos, then sent, when no neg is drawn); the other kinds cycle, reshuffled each cycle.
+
+The pipeline, per kind and per data-loader worker, as visible stages:
+
+  1. shard list        the kind's shards (directory manifest, brace pattern or list)
+  2. split by node     shards dealt to ranks, largest first to the least-loaded rank
+  3. split by worker   the rank's shards dealt to its workers the same way
+  4. shuffle           shard order per pass, then a seeded shuffle buffer over samples
+  5. skip              resume: samples of steps before start_step are passed over undecoded
+  6. decode            image + JSON record -> Sample (corrupt members raise, or are counted)
+  7. tokenise          chat template + labels on the target span (data.tokenize)
+  8. batch             per_step[kind] samples per micro-batch, grad_accum_steps per step
+
+Sharing: every shard belongs to one (rank, worker) slot, so the ranks' samples are disjoint
+and together cover the data. Ranks must stay in lockstep, so every slot yields the same
+number of steps per epoch: m = min over slots of (its neg samples // neg per step), and a
+rank has S = m x workers steps an epoch; a slot's surplus (< its share minus m steps; listed in
+`dropped_per_epoch`) is not seen that epoch. Workers' steps interleave round-robin, which is
+the order torch's DataLoader returns them in, so step p of a rank is step p // W of the worker
+role p % W (on resume, DataLoader worker i plays role (i + start_step) % W): that is how `start_step`
+resumes exactly (without corrupt members being skipped).
+Deterministic for (seed, world_size, num_workers).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+from typing import Any, Callable, Iterator
+
+import torch
+import webdataset as wds
+
+from sare_ds.data.samples import KINDS, BadSampleError, Sample
+from sare_ds.data.shards import (
+    CorruptShardError,
+    decode_members,
+    is_remote,
+    list_shards,
+    read_manifest,
+    shard_counts,
+)
+
+log = logging.getLogger("sare_ds.data.stream")
+
+
+class NotEnoughShardsError(ValueError):
+    """Fewer shards of a kind than ranks x workers: some slot would have no data."""
+
+
+def _keep(x):  # DataLoader collate: steps are already composed (module level so it pickles)
+    return x
+
+
+def deal(shards: list[str], counts: dict[str, int], n: int) -> list[list[str]]:
+    """Split shards into n groups of nearly equal sample counts: largest shard first, each to the
+    group with the fewest samples so far (ties: lowest index). Deterministic; order within a group
+    follows the input order."""
+    groups: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for url in sorted(shards, key=lambda u: (-counts[u], u)):
+        g = min(range(n), key=lambda i: (load[i], i))
+        groups[g].append(url)
+        load[g] += counts[url]
+    order = {u: i for i, u in enumerate(shards)}
+    return [sorted(g, key=order.__getitem__) for g in groups]
+
+
+class ShardStream:
+    """Optimizer steps of one rank, read from shards; `len()` is this rank's number of steps."""
+
+    def __init__(self, shards, adapter=None, *, per_step: dict[str, int], grad_accum_steps: int = 1,
+                 epochs: int = 1, seed: int = 0, max_steps: int = 0, max_length: int = 512, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000, start_step: int = 0,
+                 skip_corrupt: bool = False, allow_remote: bool = False,
+                 tokenize: Callable[[Sample], Any] | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank = {rank} must be in [0, world_size = {world_size})")
+        if grad_accum_steps < 1 or epochs < 1 or num_workers < 0 or shuffle_buffer < 1:
+            raise ValueError("grad_accum_steps and epochs must be >= 1, num_workers >= 0, shuffle_buffer >= 1")
+        if tokenize is None:
+            if adapter is None:
+                raise ValueError("ShardStream needs the model adapter (to tokenise) or a tokenize callable")
+            from sare_ds.data.tokenize import tokenize_sample
+
+            tokenize = _Tokenizer(adapter, max_length, tokenize_sample)
+        self.tokenize = tokenize
+        self.per_step = {k: int(per_step.get(k, 0)) for k in KINDS}
+        self.grad_accum_steps, self.epochs, self.seed = grad_accum_steps, epochs, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.workers = max(1, num_workers)  # in-process reading is one worker
+        self.shuffle_buffer, self.skip_corrupt, self.start_step = shuffle_buffer, skip_corrupt, start_step
+        kinds = [k for k in KINDS if self.per_step[k] > 0]
+        if not kinds:
+            raise ValueError("per_step asks for no samples of any kind; set data.neg_per_step=1 (or pos/sent)")
+        self.driver = next(k for k in ("neg", "pos", "sent") if self.per_step[k] > 0)
+
+        # Stage 1: the shard list of each kind, with sample counts (manifest, else tar headers).
+        self.slots: dict[str, list[list[list[str]]]] = {}  # kind -> rank -> worker -> shard urls
+        self.counts: dict[str, int] = {}
+        for kind in kinds:
+            urls = list_shards(shards, kind, allow_remote=allow_remote)
+            counts = self._counts(urls)
+            need = world_size * self.workers
+            if len(urls) < need:
+                raise NotEnoughShardsError(
+                    f"{len(urls)} {kind} shard(s) in {shards!r} but world_size x workers = {world_size} x "
+                    f"{self.workers} = {need} slots each need one; fix: curate with a smaller "
+                    f"output.images_per_chunk (more shards), or lower data.num_workers"
+                    + (f"; with none at all, check the curation manifest's counts and thresholds, or set "
+                       f"data.{kind}_per_step=0" if not urls else ""))
+            self.counts.update(counts)
+            # Stages 2 and 3: split by node, then by worker.
+            self.slots[kind] = [deal(node, counts, self.workers) for node in deal(urls, counts, world_size)]
+
+        per_opt_step = self.per_step[self.driver] * grad_accum_steps
+        slot_n = [[sum(self.counts[u] for u in ws) for ws in node] for node in self.slots[self.driver]]
+        self.steps_per_worker_epoch = min(n // per_opt_step for node in slot_n for n in node)
+        if self.steps_per_worker_epoch == 0:
+            raise ValueError(
+                f"a (rank, worker) slot has fewer {self.driver} samples ({min(min(n) for n in slot_n)}) than one "
+                f"step needs ({per_opt_step}); fix: lower data.num_workers or the world size, lower "
+                f"data.{self.driver}_per_step or optim.grad_accum_steps, or curate more data")
+        self.steps_per_epoch = self.steps_per_worker_epoch * self.workers
+        self.dropped_per_epoch = sum(n - self.steps_per_worker_epoch * per_opt_step for node in slot_n for n in node)
+        total = self.steps_per_epoch * epochs
+        self.num_steps = min(total, max_steps) if max_steps > 0 else total
+        if not 0 <= start_step <= self.num_steps:
+            raise ValueError(f"start_step = {start_step} is outside [0, {self.num_steps}] steps of this run")
+        self.skipped: dict[str, int] = {}
+        """Samples skipped while streaming, by reason (corrupt members, untokenisable samples, top-ups)."""
+
+    def _counts(self, urls: list[str]) -> dict[str, int]:
+        local = [u for u in urls if not is_remote(u)]
+        manifests = {}
+        for d in {os.path.dirname(u) for u in local}:
+            manifests[d] = read_manifest(d) or {}
+        counts = {}
+        for u in local:
+            counts.update(shard_counts([u], manifests[os.path.dirname(u)]))
+        for u in urls:
+            if is_remote(u):  # no manifest to hand: stream the shard once to count its samples
+                counts[u] = sum(1 for _ in wds.DataPipeline(wds.SimpleShardList([u]), wds.tarfile_to_samples()))
+        return counts
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    # ----------------------------------------------------------------------- one worker
+    def _on_tar_error(self, stats: dict) -> Callable[[Exception], bool]:
+        def handler(exn: Exception) -> bool:
+            if self.skip_corrupt:
+                stats["corrupt_member"] = stats.get("corrupt_member", 0) + 1
+                log.warning("skipping corrupt shard data: %s", exn)
+                return True  # continue with the next member / shard
+            raise CorruptShardError(
+                f"corrupt shard data ({type(exn).__name__}: {exn}); fix: re-run curation for that shard (delete "
+                "it and its .chunks record, run launch/curate.py again) or pass data.skip_corrupt=true to skip "
+                "and count corrupt members") from exn
+        return handler
+
+    def _pass(self, kind: str, node: int, worker: int, label: str, skip: int, stats: dict) -> Iterator[Any]:
+        """One pass over a slot's shards of one kind: stages 4-7."""
+        urls = list(self.slots[kind][node][worker])
+        rng = random.Random(f"{self.seed}/{kind}/{label}/{node}/{worker}")
+        rng.shuffle(urls)  # stage 4a: shard order of this pass
+        raw = wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(handler=self._on_tar_error(stats)),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng),  # stage 4b
+        )
+        for sample in itertools.islice(iter(raw), skip, None):  # stage 5: resume skip, undecoded
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            where = f"shard {sample.get('__url__', '?')}"
+            try:
+                decoded = decode_members(sample["__key__"], members, where)  # stage 6
+            except CorruptShardError as e:
+                if not self.skip_corrupt:
+                    raise CorruptShardError(
+                        f"{e}; fix: re-run curation for that shard (delete it and its .chunks record, run "
+                        "launch/curate.py again) or pass data.skip_corrupt=true to skip and count such members"
+                    ) from e
+                stats["corrupt_member"] = stats.get("corrupt_member", 0) + 1
+                continue
+            try:
+                yield self.tokenize(decoded)  # stage 7
+            except BadSampleError as e:
+                reason = str(e).split(":", 1)[-1].split(";")[0].strip()
+                stats[reason] = stats.get(reason, 0) + 1
+                log.warning("skipping %s", e)
+
+    def _cycled(self, kind: str, node: int, worker: int, skip: int, stats: dict) -> Iterator[Any]:
+        """Endless passes, each reshuffled; `skip` samples passed over (whole passes not even read)."""
+        n = sum(self.counts[u] for u in self.slots[kind][node][worker])
+        if n == 0:
+            raise ValueError(f"the {kind} shards of rank {node} worker {worker} hold no samples: "
+                             f"{self.slots[kind][node][worker]}; fix: remove empty shards")
+        for cycle in itertools.count(skip // n):
+            got = 0
+            for item in self._pass(kind, node, worker, f"cycle{cycle}", skip % n if cycle == skip // n else 0, stats):
+                got += 1
+                yield item
+            if got == 0 and cycle > skip // n:
+                raise CorruptShardError(f"no usable {kind} sample in the shards of rank {node} worker {worker}: "
+                                        f"{self.slots[kind][node][worker]}")
+
+    def _driver(self, node: int, worker: int, epoch: int, skip: int, need: int, stats: dict) -> Iterator[Any]:
+        """`need` samples of this epoch's pass; a pass left short by skipped samples is topped up from a
+        reshuffled extra pass, so every rank still makes the same number of steps."""
+        got = 0
+        for item in self._pass(self.driver, node, worker, f"epoch{epoch}", skip, stats):
+            if got == need:
+                return
+            got += 1
+            yield item
+        for topup in itertools.count():
+            if got == need:
+                return
+            before = got
+            for item in self._pass(self.driver, node, worker, f"epoch{epoch}-topup{topup}", 0, stats):
+                if got == need:
+                    return
+                got += 1
+                stats["topped_up"] = stats.get("topped_up", 0) + 1
+                yield item
+            if got == before:
+                raise CorruptShardError(f"no usable {self.driver} sample in the shards of rank {node} worker "
+                                        f"{worker}: {self.slots[self.driver][node][worker]}")
+
+    def worker_steps(self, node: int, worker: int, start_step: int = 0) -> Iterator[tuple[list, dict]]:
+        """(step, skip counters) for the steps p of this rank with p % W == worker, p >= start_step."""
+        W, m, A = self.workers, self.steps_per_worker_epoch, self.grad_accum_steps
+        mine = range(worker, self.num_steps, W)
+        first = sum(1 for p in mine if p < start_step)  # this worker's steps already done
+        stats: dict[str, int] = {}
+        others = [k for k in KINDS if self.per_step[k] > 0 and k != self.driver]
+        streams = {k: self._cycled(k, node, worker, first * self.per_step[k] * A, stats) for k in others}
+        per_driver = self.per_step[self.driver] * A
+        local = first
+        total_local = len(mine)
+        while local < total_local:
+            epoch, in_epoch = divmod(local, m)
+            driver = self._driver(node, worker, epoch, in_epoch * per_driver, (m - in_epoch) * per_driver, stats)
+            streams[self.driver] = driver
+            for _ in range(m - in_epoch):
+                if local >= total_local:
+                    break
+                # Stage 8: batch.
+                step = [{k: [next(streams[k]) for _ in range(self.per_step[k])]
+                         for k in KINDS if self.per_step[k] > 0} for _ in range(A)]
+                yield step, dict(stats)
+                local += 1
+
+    # ----------------------------------------------------------------------- the rank
+    def __iter__(self) -> Iterator[list[dict[str, list]]]:
+        if self.num_workers == 0:
+            source = self.worker_steps(self.rank, 0, self.start_step)
+            for step, stats in source:
+                self.skipped = stats
+                yield step
+            return
+        loader = torch.utils.data.DataLoader(
+            _RankSteps(self), batch_size=None, num_workers=self.num_workers, collate_fn=_keep,
+            persistent_workers=False)
+        latest: dict[int, dict] = {}
+        for p, (step, stats, worker) in enumerate(loader, start=self.start_step):
+            if worker != p % self.workers:  # the round-robin order resume depends on
+                raise RuntimeError(f"step {p} came from worker {worker}, expected {p % self.workers}; "
+                                   "the DataLoader no longer returns workers round-robin")
+            latest[worker] = stats
+            self.skipped = {}
+            for s in latest.values():
+                for k, v in s.items():
+                    self.skipped[k] = self.skipped.get(k, 0) + v
+            yield step
+
+
+class _RankSteps(torch.utils.data.IterableDataset):
+    """The DataLoader face of a ShardStream: each worker yields its own share of the rank's steps."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        loader_worker = 0 if info is None else info.id
+        # The DataLoader always starts its round-robin at its worker 0, which must therefore play the
+        # role of the worker owning step start_step (role = p % W).
+        role = (loader_worker + self.stream.start_step) % self.stream.workers
+        for step, stats in self.stream.worker_steps(self.stream.rank, role, self.stream.start_step):
+            yield step, stats, role
+
+
+class _Tokenizer:
+    """tokenize_sample bound to an adapter and max_length (a class, not a lambda, so it pickles)."""
+
+    def __init__(self, adapter, max_length: int, fn):
+        self.adapter, self.max_length, self.fn = adapter, max_length, fn
+
+    def __call__(self, sample: Sample):
+        return self.fn(sample, self.adapter, self.max_length)

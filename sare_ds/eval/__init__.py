@@ -1,0 +1,15 @@
+"""Evaluation and attacks: CHAIR, POPE, BLEU, perplexity, relearning / LoRA / prompt attacks,
+the sharpness probe and the comparison report (docs/evaluation.md, docs/method.md section 5).
+
+    coco      COCO-format ground truth (instances + reference captions) and image lists
+    chair     CHAIR_S / CHAIR_I with per-caption mentioned, grounded, hallucinated objects
+    pope      POPE question files, the reference answer parser, accuracy/precision/recall/F1/yes-ratio
+    quality   BLEU-1/2/4 (nltk), perplexity, caption length
+    distributed  spread items over ranks, gather results (plain or ZeRO-3 generation)
+    weights   a method's model = base checkpoint + runs/<run>/trainable.safetensors
+    evaluate  caption + POPE evaluation of one model; `evaluate_run` for a training run
+    attacks   relearning, LoRA fine-tuning and adversarial-prompt attacks
+    probe     L_neg along the gradient direction vs random directions (sharpness)
+    report    Markdown/JSON comparison table, relearning curve and landscape PNGs
+    scenes    a COCO-format evaluation set of the generated scenes (toy world, quickstart)
+"""

@@ -1,0 +1,60 @@
+"""CHAIR (Rohrbach et al. 2018): how many captions / object mentions are hallucinated.
+
+    result = chair([{"image_id": 1, "caption": "A dog on a sofa."}], truth)
+    result["CHAIR_S"], result["CHAIR_I"], result["captions"][0]["hallucinated"]
+
+CHAIR_S = captions with >= 1 hallucinated object / captions;
+CHAIR_I = hallucinated object mentions / all object mentions (a category mentioned twice
+counts twice, as in the reference). A mention is hallucinated when its category is not in the
+image's ground truth (COCO instances + objects of its reference captions; see coco.py).
+Recall (also from the reference's extended script) = ground-truth categories mentioned /
+ground-truth categories. Captions of images without ground truth are skipped and counted.
+"""
+from __future__ import annotations
+
+from sare_ds.eval.coco import CocoTruth
+from sare_ds.objects import CocoVocabulary
+
+
+def chair(records: list[dict], truth: CocoTruth, vocab: CocoVocabulary | None = None) -> dict:
+    """records: [{"image_id", "caption"}]; returns the scores and one entry per scored caption."""
+    vocab = vocab or CocoVocabulary.default()
+    per_caption, skipped = [], 0
+    n_mentions = n_hallucinated_mentions = n_hallucinated_captions = 0
+    n_truth = n_recalled = 0
+    for rec in records:
+        gt = truth.objects.get(rec["image_id"])
+        if gt is None:
+            skipped += 1
+            continue
+        mentions = vocab.mentions(rec["caption"])
+        hallucinated_mentions = [m for m in mentions if m.category not in gt]
+        mentioned = list(dict.fromkeys(m.category for m in mentions))
+        grounded = [c for c in mentioned if c in gt]
+        n_mentions += len(mentions)
+        n_hallucinated_mentions += len(hallucinated_mentions)
+        n_hallucinated_captions += bool(hallucinated_mentions)
+        n_truth += len(gt)
+        n_recalled += len(grounded)
+        per_caption.append({
+            "image_id": rec["image_id"],
+            "caption": rec["caption"],
+            "mentioned": mentioned,
+            "grounded": grounded,
+            "hallucinated": list(dict.fromkeys(m.category for m in hallucinated_mentions)),
+            "hallucinated_words": [[m.word, m.category, m.start, m.end] for m in hallucinated_mentions],
+            "ground_truth": sorted(gt),
+            "CHAIR_S": int(bool(hallucinated_mentions)),
+            "CHAIR_I": len(hallucinated_mentions) / len(mentions) if mentions else 0.0,
+        })
+    n = len(per_caption)
+    return {
+        "CHAIR_S": n_hallucinated_captions / n if n else 0.0,
+        "CHAIR_I": n_hallucinated_mentions / n_mentions if n_mentions else 0.0,
+        "recall": n_recalled / n_truth if n_truth else 0.0,
+        "num_captions": n,
+        "num_mentions": n_mentions,
+        "num_hallucinated_mentions": n_hallucinated_mentions,
+        "skipped_no_ground_truth": skipped,
+        "captions": per_caption,
+    }

@@ -1,0 +1,238 @@
+"""Evaluate one model: captions (CHAIR, BLEU, perplexity, length, throughput) and POPE.
+
+    data = EvalData.from_paths(instances=[...], captions=[...], image_dir="val2014")
+    result = evaluate_model(adapter, data, EvalConfig(num_images=500))
+    evaluate_run("runs/quickstart", EvalData.from_eval_set("runs/eval-scenes/eval_set.json"))
+
+Images are spread over ranks when torch.distributed is initialised (see distributed.py);
+every rank returns the same full result, rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sare_ds.config import EFUF_CAPTION_PROMPT
+from sare_ds.eval.chair import chair
+from sare_ds.eval.coco import CocoTruth, load_image
+from sare_ds.eval.distributed import distributed_map, rank_and_world
+from sare_ds.eval.pope import load_questions, mean_over_splits, parse_answer, pope_metrics
+from sare_ds.eval.quality import bleu, mean_length, token_nll_sums
+from sare_ds.models.generate import generate_responses
+from sare_ds.objects import CocoVocabulary
+
+
+@dataclass
+class EvalConfig:
+    caption_prompt: str = EFUF_CAPTION_PROMPT
+    """Prompt of the captions CHAIR and BLEU score (EFUF's evaluation prompt)."""
+    num_images: int = 0
+    """Caption this many images (the first of the annotation file; 0: all). CHAIR papers use 500."""
+    max_new_tokens: int = 128
+    """Longest generated caption in tokens (EFUF-style long captions need 512 for 100+ words)."""
+    batch_size: int = 8
+    """Images per generate call."""
+    num_beams: int = 1
+    """Beam width (1: greedy)."""
+    pope_limit: int = 0
+    """Questions per POPE split (0: all 3000)."""
+    pope_prompt_suffix: str = ""
+    """Appended to each POPE question (LLaVA-1.5's own eval adds " Answer the question using a single word or phrase.")."""
+    pope_max_new_tokens: int = 16
+    """Longest POPE answer in tokens (only the first sentence is parsed)."""
+    perplexity: bool = True
+    """Report the perplexity of the reference captions under the model."""
+    synced_gpus: bool = False
+    """ZeRO-3: every rank joins every forward (the model is sharded across ranks)."""
+
+
+@dataclass
+class EvalData:
+    truth: CocoTruth | None = None
+    """Ground truth and reference captions (None: no caption evaluation)."""
+    image_dir: Path | None = None
+    """Folder of the captioned images."""
+    pope_files: dict = field(default_factory=dict)
+    """POPE split -> question file (empty: no POPE)."""
+    pope_image_dir: Path | None = None
+    """Folder of the POPE images (default: image_dir)."""
+
+    @classmethod
+    def from_paths(cls, instances=(), captions=(), image_dir=None, pope_files=None, pope_image_dir=None,
+                   vocab: CocoVocabulary | None = None) -> "EvalData":
+        truth = CocoTruth.from_files(list(instances), list(captions), vocab) if (instances or captions) else None
+        if truth is not None and image_dir is None:
+            raise ValueError("EvalData: annotation files given without image_dir; pass the folder of the images")
+        return cls(truth, Path(image_dir) if image_dir else None, {k: Path(v) for k, v in (pope_files or {}).items()},
+                   Path(pope_image_dir) if pope_image_dir else (Path(image_dir) if image_dir else None))
+
+    @classmethod
+    def from_eval_set(cls, path: str | Path) -> "EvalData":
+        """The eval_set.json written by sare_ds.eval.scenes.write_scene_eval_set."""
+        p = json.loads(Path(path).read_text())
+        return cls.from_paths([p["instances"]], [p["captions"]], p["image_dir"], p.get("pope"))
+
+
+def generate_captions(adapter, data: EvalData, cfg: EvalConfig, prompt: str | None = None) -> tuple[list[dict], dict]:
+    """[{"image_id", "prompt", "caption"}] over the evaluation images, and throughput numbers."""
+    items = [(image_id, str(path)) for image_id, path in data.truth.image_paths(data.image_dir, cfg.num_images)]
+    prompt = cfg.caption_prompt if prompt is None else prompt
+    return generate_for_items(adapter, [(i, p, prompt) for i, p in items], cfg)
+
+
+def generate_for_items(adapter, items: list[tuple], cfg: EvalConfig) -> tuple[list[dict], dict]:
+    """items: (image_id, image path, prompt); generation spread over ranks, results in order."""
+    def run(chunk):
+        images = [load_image(path) for _, path, _ in chunk]
+        return generate_responses(adapter, images, [p for _, _, p in chunk], max_new_tokens=cfg.max_new_tokens,
+                                  num_beams=cfg.num_beams, batch_size=cfg.batch_size, synced_gpus=cfg.synced_gpus)
+
+    start = time.perf_counter()
+    texts = distributed_map(run, items, synced=cfg.synced_gpus)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(adapter.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    records = [{"image_id": i, "prompt": p, "caption": t} for (i, _, p), t in zip(items, texts)]
+    return records, {"seconds": seconds, "captions_per_s": len(texts) / seconds if seconds else 0.0,
+                     "tokens_per_s": tokens / seconds if seconds else 0.0, "generated_tokens": tokens}
+
+
+def caption_metrics(records: list[dict], data: EvalData, vocab: CocoVocabulary | None = None) -> dict:
+    """CHAIR, BLEU and mean length of generated captions (no model needed)."""
+    scores = chair(records, data.truth, vocab)
+    refs = [data.truth.captions.get(r["image_id"], []) for r in records]
+    return {**{k: v for k, v in scores.items() if k != "captions"},
+            **bleu([r["caption"] for r in records], refs),
+            "mean_length_words": mean_length([r["caption"] for r in records]),
+            "per_caption": scores["captions"]}
+
+
+def reference_perplexity(adapter, data: EvalData, cfg: EvalConfig) -> dict:
+    """Perplexity of each image's first reference caption as the answer to the caption prompt."""
+    items = [(str(path), data.truth.captions[i][0]) for i, path in data.truth.image_paths(data.image_dir, cfg.num_images)
+             if data.truth.captions.get(i)]
+
+    def run(chunk):
+        return token_nll_sums(adapter, [load_image(p) for p, _ in chunk], cfg.caption_prompt,
+                              [t for _, t in chunk], batch_size=cfg.batch_size)
+
+    sums = distributed_map(run, items, synced=cfg.synced_gpus)
+    nll, tokens = sum(s for s, _ in sums), sum(n for _, n in sums)
+    import math
+
+    return {"perplexity": math.exp(nll / tokens) if tokens else float("nan"), "perplexity_tokens": tokens}
+
+
+def pope_eval(adapter, data: EvalData, cfg: EvalConfig) -> dict:
+    """Per split: metrics and answers; plus the mean over splits."""
+    per_split, answers = {}, {}
+    for split, path in data.pope_files.items():
+        questions = load_questions(path, cfg.pope_limit)
+
+        def run(chunk):
+            cache: OrderedDict = OrderedDict()
+            out = []
+            # Slices keep memory bounded (3000 questions on 500 images), and every rank of a
+            # synced run has the same number of slices because shares are padded equal.
+            step = cfg.batch_size * 4
+            for lo in range(0, len(chunk), step):
+                part = chunk[lo:lo + step]
+                images = []
+                for q in part:
+                    if q["image"] not in cache:
+                        cache[q["image"]] = load_image(data.pope_image_dir / q["image"])
+                        if len(cache) > 64:
+                            cache.popitem(last=False)
+                    images.append(cache[q["image"]])
+                out += generate_responses(adapter, images, [q["text"] + cfg.pope_prompt_suffix for q in part],
+                                          max_new_tokens=cfg.pope_max_new_tokens, batch_size=cfg.batch_size,
+                                          synced_gpus=cfg.synced_gpus)
+            return out
+
+        replies = distributed_map(run, questions, synced=cfg.synced_gpus)
+        predictions = [parse_answer(r) for r in replies]
+        per_split[split] = pope_metrics(predictions, [q["label"] for q in questions])
+        answers[split] = [{"question_id": q["question_id"], "image": q["image"], "text": q["text"],
+                           "label": q["label"], "answer": r, "parsed": p}
+                          for q, r, p in zip(questions, replies, predictions)]
+    return {"splits": per_split, "mean": mean_over_splits(per_split), "answers": answers}
+
+
+def evaluate_model(adapter, data: EvalData, cfg: EvalConfig | None = None) -> dict:
+    """All metrics of one model; per-item records under "per_caption" and "pope"/"answers"."""
+    cfg = cfg or EvalConfig()
+    result: dict = {"config": asdict(cfg)}
+    if data.truth is not None:
+        records, speed = generate_captions(adapter, data, cfg)
+        result["captions"] = {**caption_metrics(records, data), **speed}
+        if cfg.perplexity:
+            result["captions"].update(reference_perplexity(adapter, data, cfg))
+    if data.pope_files:
+        result["pope"] = pope_eval(adapter, data, cfg)
+    return result
+
+
+def summary_row(result: dict) -> dict:
+    """The headline numbers of an evaluate_model result (percentages where papers use them)."""
+    row = {}
+    cap = result.get("captions")
+    if cap:
+        row.update({"CHAIR_S": 100 * cap["CHAIR_S"], "CHAIR_I": 100 * cap["CHAIR_I"], "recall": 100 * cap["recall"],
+                    "BLEU-1": 100 * cap["BLEU-1"], "BLEU-2": 100 * cap["BLEU-2"], "BLEU-4": 100 * cap["BLEU-4"],
+                    "length": cap["mean_length_words"], "tokens/s": cap["tokens_per_s"]})
+        if "perplexity" in cap:
+            row["PPL"] = cap["perplexity"]
+    pope = result.get("pope")
+    if pope and pope["mean"]:
+        row.update({"POPE acc": 100 * pope["mean"]["accuracy"], "POPE F1": 100 * pope["mean"]["f1"],
+                    "POPE yes": 100 * pope["mean"]["yes_ratio"]})
+    return row
+
+
+def markdown_table(rows: dict[str, dict], digits: int = 2) -> str:
+    """One Markdown table: a row per name, a column per key (union, first-seen order)."""
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    lines = ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for name, row in rows.items():
+        cells = [f"{row[c]:.{digits}f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_evaluation(result: dict, out_dir: str | Path, name: str = "model") -> Path:
+    """eval.json (metrics), captions.jsonl (per caption), pope_<split>.jsonl (answers), eval.md; rank 0 only."""
+    out_dir = Path(out_dir)
+    if rank_and_world()[0] != 0:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slim = json.loads(json.dumps(result, default=str))
+    per_caption = slim.get("captions", {}).pop("per_caption", [])
+    answers = slim.get("pope", {}).pop("answers", {})
+    (out_dir / "eval.json").write_text(json.dumps(slim, indent=1))
+    (out_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_caption))
+    for split, rows in answers.items():
+        (out_dir / f"pope_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = [f"# Evaluation of {name}", "", markdown_table({name: summary_row(result)}), ""]
+    for split, m in result.get("pope", {}).get("splits", {}).items():
+        text.append(f"- POPE {split}: accuracy {100 * m['accuracy']:.2f}, precision {100 * m['precision']:.2f}, "
+                    f"recall {100 * m['recall']:.2f}, F1 {100 * m['f1']:.2f}, yes {100 * m['yes_ratio']:.2f} "
+                    f"({m['num_questions']} questions)")
+    (out_dir / "eval.md").write_text("\n".join(text) + "\n")
+    return out_dir
+
+
+def evaluate_run(run_dir: str | Path | None, data: EvalData, *, cfg: EvalConfig | None = None,
+                 base: str | None = None, out_dir: str | Path | None = None, name: str | None = None) -> dict:
+    """Load base + the run's trainable weights, evaluate, write <run_dir>/eval (or out_dir); return the result."""
+    import torch
+
+    from sare_ds.eval.weights import load_method_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = load_method_model(run_dir, base=base, device=device)
+    result = evaluate_model(adapter, data, cfg)
+    target = Path(out_dir) if out_dir else Path(run_dir or ".") / "eval"
+    write_evaluation(result, target, name or (Path(run_dir).name if run_dir else "base"))
+    return result

@@ -1,0 +1,95 @@
+"""The comparison report: base / FT / EFUF / SARE under each attack.
+
+    write_report(results, "runs/report")   # report.md, report.json, relearn_curve.png, landscape.png
+
+`results[method]` is what sare_ds.eval.suite.attack_method returns: the unattacked metrics
+("none"), "relearn" {n: metrics}, "lora", "adversarial", "probe". Every attacked number is
+shown with its change against the same method unattacked (percentage points for CHAIR).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _cell(value: float | None, base: float | None = None) -> str:
+    if value is None:
+        return "-"
+    if base is None:
+        return f"{value:.1f}"
+    return f"{value:.1f} ({value - base:+.1f})"
+
+
+def comparison_rows(results: dict[str, dict]) -> tuple[list[str], dict[str, list[str]]]:
+    """Column names and one row of cells per method (CHAIR in %, attacks with their delta)."""
+    sizes = sorted({int(n) for r in results.values() for n in r.get("relearn", {})})
+    columns = ["CHAIR_S", "CHAIR_I", "BLEU-4", "POPE F1"]
+    columns += [f"relearn n={n} CHAIR_S" for n in sizes]
+    columns += ["LoRA CHAIR_S", "adv. prompts CHAIR_S", "sharpness gap", "random gap"]
+    rows = {}
+    for method, r in results.items():
+        none = r["none"]
+        base_s = 100 * none["CHAIR_S"]
+        cells = [_cell(base_s), _cell(100 * none["CHAIR_I"]),
+                 _cell(100 * none["BLEU-4"]) if "BLEU-4" in none else "-",
+                 _cell(100 * none["POPE_F1"]) if "POPE_F1" in none else "-"]
+        relearn = {int(n): m for n, m in r.get("relearn", {}).items()}
+        cells += [_cell(100 * relearn[n]["CHAIR_S"], base_s) if n in relearn else "-" for n in sizes]
+        cells.append(_cell(100 * r["lora"]["CHAIR_S"], base_s) if "lora" in r else "-")
+        cells.append(_cell(100 * r["adversarial"]["CHAIR_S"], base_s) if "adversarial" in r else "-")
+        probe = r.get("probe")
+        cells += [f"{probe['sharpness_gap']:.4g}", f"{probe['random_gap']:.4g}"] if probe else ["-", "-"]
+        rows[method] = cells
+    return columns, rows
+
+
+def markdown_report(results: dict[str, dict], title: str = "Robustness of hallucination unlearning") -> str:
+    columns, rows = comparison_rows(results)
+    lines = [f"# {title}", "",
+             "CHAIR in % (lower is better); attacked values show (change vs the same model unattacked). "
+             "Sharpness gap: L_neg(theta + eps*) - L_neg(theta) at ||eps*|| = rho along the normalised gradient; "
+             "random gap: the same along random directions of equal norm.", "",
+             "| method | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {m} | " + " | ".join(cells) + " |" for m, cells in rows.items()]
+    lines += ["", "Files: report.json (all numbers), relearn_curve.png, landscape.png."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_relearn_curve(results: dict[str, dict], path: str | Path) -> Path:
+    """CHAIR_S against the number of relearning samples (0 = unattacked), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, r in results.items():
+        points = [(0, r["none"]["CHAIR_S"])] + sorted((int(n), m["CHAIR_S"]) for n, m in r.get("relearn", {}).items())
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], "-o", ms=4, label=method)
+    ax.set_xlabel("relearning samples n (hallucinated targets, plain NLL)")
+    ax.set_ylabel("CHAIR_S (%)")
+    ax.set_title("Relearning attack")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:
+    from sare_ds.eval.probe import plot_landscape
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json"}
+    paths["markdown"].write_text(markdown_report(results))
+    paths["json"].write_text(json.dumps(results, indent=1, default=str))
+    if any(r.get("relearn") for r in results.values()):
+        paths["relearn_curve"] = plot_relearn_curve(results, out_dir / "relearn_curve.png")
+    probes = {m: r["probe"] for m, r in results.items() if r.get("probe")}
+    if probes:
+        paths["landscape"] = plot_landscape(probes, out_dir / "landscape.png")
+    return paths

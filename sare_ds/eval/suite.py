@@ -1,0 +1,131 @@
+"""Run every attack on every method and write the comparison report.
+
+    methods = {"base": None, "FT": "runs/ft", "EFUF": "runs/efuf", "SARE": "runs/sare"}
+    results = run_attack_suite(methods, data, AttackConfig(), out_dir="runs/report", base="llava-hf/llava-1.5-7b-hf")
+
+Each attack starts from a fresh copy of the method's model (base checkpoint + the run's
+trainable weights), so attacks never see each other's updates.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sare_ds.eval.evaluate import EvalConfig, EvalData, caption_metrics, generate_captions, pope_eval
+
+
+@dataclass
+class AttackConfig:
+    data: str = "synthetic"
+    """Hallucinated samples for relearning/LoRA/probe: curation's shard folder (neg shards) or `synthetic`."""
+    relearn_sizes: list = field(default_factory=lambda: [60, 100, 140])
+    """Relearning set sizes n (SARE: 60, 100, 140)."""
+    relearn_lr: float = 1e-5
+    """Learning rate of the relearning fine-tune (AdamW, no weight decay, clip 1.0)."""
+    relearn_steps: int = 0
+    """Optimizer steps of each relearning run (0: one epoch over the n samples)."""
+    relearn_trainable: str = "mapping"
+    """What relearning trains: `mapping` (the layers the methods trained), `lora` or `mapping+lora`."""
+    batch_size: int = 4
+    """Samples per fine-tuning step."""
+    lora: bool = True
+    """Run the LoRA fine-tuning attack (fresh LoRA on the LLM, trained on the largest relearning set)."""
+    lora_lr: float = 1e-4
+    """Learning rate of the LoRA attack."""
+    lora_r: int = 8
+    """LoRA rank of the attack."""
+    lora_steps: int = 0
+    """Optimizer steps of the LoRA attack (0: one epoch)."""
+    adversarial: bool = True
+    """Run the adversarial-prompt attack (shipped prompt set, or `adversarial_prompts`)."""
+    adversarial_prompts: str = ""
+    """A prompt file in the shape of sare_ds/resources/adversarial_prompts.json (empty: the shipped one)."""
+    probe: bool = True
+    """Run the sharpness probe."""
+    rho: float = 0.05
+    """Probe radius scale: radii 0 .. 2 rho (SARE's rho)."""
+    probe_samples: int = 32
+    """Neg samples in the probe's loss."""
+    probe_radii: int = 9
+    """Radii on the probe's grid (odd: rho is on it)."""
+    probe_random: int = 4
+    """Random directions of the probe."""
+    pope_unattacked: bool = True
+    """Also run POPE on each unattacked model (attacked models are scored with CHAIR only)."""
+    seed: int = 0
+    """Seed of the attack data order, the random directions and the planted objects."""
+
+
+def _caption_summary(adapter, data: EvalData, eval_cfg: EvalConfig) -> dict:
+    records, speed = generate_captions(adapter, data, eval_cfg)
+    m = caption_metrics(records, data)
+    return {"CHAIR_S": m["CHAIR_S"], "CHAIR_I": m["CHAIR_I"], "recall": m["recall"], "BLEU-1": m["BLEU-1"],
+            "BLEU-4": m["BLEU-4"], "length": m["mean_length_words"], "tokens_per_s": speed["tokens_per_s"],
+            "examples": [r["caption"] for r in records[:3]]}
+
+
+def attack_method(load, data: EvalData, eval_cfg: EvalConfig, cfg: AttackConfig, samples: list) -> dict:
+    """All attacks on one method; `load()` returns a fresh adapter of it."""
+    from sare_ds.eval.attacks import adversarial_prompt_eval, fine_tune_attack, load_adversarial_prompts
+    from sare_ds.eval.probe import sharpness_probe
+
+    out: dict = {}
+    adapter = load()
+    out["none"] = _caption_summary(adapter, data, eval_cfg)
+    if cfg.pope_unattacked and data.pope_files:
+        pope = pope_eval(adapter, data, eval_cfg)
+        out["none"]["POPE_F1"] = pope["mean"]["f1"]
+        out["none"]["POPE_accuracy"] = pope["mean"]["accuracy"]
+        out["pope_splits"] = pope["splits"]
+    if cfg.adversarial:
+        prompts = load_adversarial_prompts(cfg.adversarial_prompts or None)
+        out["adversarial"] = adversarial_prompt_eval(adapter, data, eval_cfg, prompts, seed=cfg.seed)
+    if cfg.probe:
+        out["probe"] = sharpness_probe(adapter, samples[:cfg.probe_samples], rho=cfg.rho, num_radii=cfg.probe_radii,
+                                       num_random=cfg.probe_random, seed=cfg.seed)
+    del adapter
+    out["relearn"] = {}
+    for n in cfg.relearn_sizes:
+        adapter = load()
+        train = fine_tune_attack(adapter, samples[:n], trainable=cfg.relearn_trainable, lr=cfg.relearn_lr,
+                                 steps=cfg.relearn_steps, batch_size=cfg.batch_size, seed=cfg.seed)
+        out["relearn"][str(n)] = {**_caption_summary(adapter, data, eval_cfg), "train": train}
+    if cfg.lora:
+        adapter = load()
+        n = max(cfg.relearn_sizes) if cfg.relearn_sizes else len(samples)
+        train = fine_tune_attack(adapter, samples[:n], trainable="lora", lr=cfg.lora_lr, steps=cfg.lora_steps,
+                                 batch_size=cfg.batch_size, seed=cfg.seed, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
+        out["lora"] = {**_caption_summary(adapter, data, eval_cfg), "train": train}
+    return out
+
+
+def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: AttackConfig | None = None, *,
+                     eval_cfg: EvalConfig | None = None, out_dir: str | Path = "runs/report",
+                     base: str | None = None) -> dict:
+    """results[method] for every method (name -> run folder, None for the base model); writes the report."""
+    import torch
+
+    from sare_ds.eval.attacks import load_neg_samples
+    from sare_ds.eval.distributed import rank_and_world
+    from sare_ds.eval.report import write_report
+    from sare_ds.eval.weights import load_method_model
+
+    cfg = cfg or AttackConfig()
+    eval_cfg = eval_cfg or EvalConfig()
+    if data.truth is None:
+        raise ValueError("run_attack_suite: the attacks are scored with CHAIR; pass annotation files (EvalData.truth)")
+    if any(run is None for run in methods.values()) and base is None:
+        raise ValueError("run_attack_suite: a method without a run folder is the base model; pass base=<checkpoint>")
+    needed = max([*cfg.relearn_sizes, cfg.probe_samples if cfg.probe else 0, 1])
+    samples = load_neg_samples(cfg.data, needed, seed=cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for name, run_dir in methods.items():
+        results[name] = attack_method(lambda: load_method_model(run_dir, base=base, device=device),  # noqa: B023
+                                      data, eval_cfg, cfg, samples)
+    results_meta = {"attack_config": asdict(cfg), "eval_config": asdict(eval_cfg),
+                    "methods": {k: (str(v) if v else None) for k, v in methods.items()}}
+    if rank_and_world()[0] == 0:
+        write_report(results, out_dir)
+        (Path(out_dir) / "config.json").write_text(__import__("json").dumps(results_meta, indent=1))
+    return results

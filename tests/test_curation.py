@@ -1,0 +1,306 @@
+"""Curation: window scores against a direct per-window computation, the split rules with injected
+scores, curation's use of the CHAIR vocabulary, shards + manifest + histogram, every skipped-input
+case, resume after an interruption, calibration, shard inputs and the real MLLM captioner.
+
+    .venv/bin/python -m pytest tests/test_curation.py -q
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sare_ds.config import ConfigError
+from sare_ds.curation.calibrate import calibrate_dir, propose_thresholds
+from sare_ds.curation.config import ClipConfig, CurationConfig, load_curation_config
+from sare_ds.curation.pipeline import ResumeMismatchError, curate
+from sare_ds.curation.scoring import TINY_CLIP_NAME, ClipScorer, window_grid
+from sare_ds.curation.split import ObjectScore, split_caption
+from sare_ds.curation.synthetic_coco import write_synthetic_coco
+from sare_ds.data.shards import iter_samples
+
+
+# --------------------------------------------------------------------------- window scores
+
+@pytest.fixture(scope="module")
+def tiny_scorer():
+    cfg = ClipConfig(model=TINY_CLIP_NAME, pretrained="", patch_size=16, window_patches=2, top_k=3, batch_size=7)
+    return ClipScorer.from_config(cfg, "cpu")
+
+
+def direct_local_score(scorer: ClipScorer, image: Image.Image, obj: str) -> float:
+    """EFUF's local score the slow way: one window at a time, explicit loops, no caches."""
+    p, k = scorer.patch, scorer.window
+    cols, rows = window_grid(image.width, image.height, p, k)
+    resized = image.resize((cols * p, rows * p), Image.BICUBIC)
+    with torch.no_grad():
+        text = F.normalize(scorer.encode_text([scorer.prompt.format(obj=obj)]).float(), dim=-1)[0]
+        win = {}
+        for i in range(rows - k + 1):
+            for j in range(cols - k + 1):
+                crop = resized.crop((j * p, i * p, (j + k) * p, (i + k) * p))
+                t = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                t = F.interpolate(t, size=(scorer.input_size,) * 2, mode="bicubic", antialias=True,
+                                  align_corners=False).clamp(0, 1)
+                emb = F.normalize(scorer.encode_image((t - scorer.mean) / scorer.std).float(), dim=-1)[0]
+                win[i, j] = 100.0 * float(emb @ text)
+    patch_scores = []
+    for a in range(rows):
+        for b in range(cols):
+            covering = [win[i, j] for i in range(a - k + 1, a + 1) for j in range(b - k + 1, b + 1) if (i, j) in win]
+            patch_scores.append(sum(covering) / len(covering))
+    top = sorted(patch_scores, reverse=True)[: scorer.top_k]
+    return sum(top) / len(top)
+
+
+def test_window_scores_match_direct_computation(tiny_scorer):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((70, 90), (64, 64), (40, 100))]
+    objects = [["dog", "frisbee"], ["cat"], ["dog", "toilet", "bird"]]
+    fast = tiny_scorer.score(images, objects)  # all windows of all images batched (batch_size 7)
+    for img, objs, scores in zip(images, objects, fast):
+        for obj, s in zip(objs, scores):
+            assert math.isclose(s, direct_local_score(tiny_scorer, img, obj), abs_tol=2e-3)
+    # 4x5 patch grid of the 70x90 image -> 3x4 windows; each encoded once for both objects.
+    assert window_grid(90, 70, 16, 2) == (6, 4)
+    assert tiny_scorer.windows(images[0])[1] == (3, 5)
+
+
+def test_local_score_finds_small_object_global_dilutes():
+    """Controlled embeddings: an 'encoder' that sees colour (mean deviation from grey + a constant),
+    text 'red' points at red. A small red square scores high locally, far lower globally."""
+    grey = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
+    mean, std = [0.0] * 3, [1.0] * 3
+
+    def encode_image(x):
+        return torch.cat([(x - grey).mean((2, 3)), torch.full((len(x), 1), 0.05)], 1)
+
+    def encode_text(texts):
+        table = {"red": [1.0, -1.0, -1.0, 0.0], "blue": [-1.0, -1.0, 1.0, 0.0]}
+        return torch.tensor([table[t.split()[-1].rstrip(".")] for t in texts])
+
+    img = Image.new("RGB", (128, 128), (128, 128, 128))
+    img.paste((255, 0, 0), (0, 0, 24, 24))
+    kw = dict(patch_size=16, window_patches=2, top_k=4, prompt="a {obj}")
+    local = ClipScorer(encode_image, encode_text, 32, mean, std, mode="local", **kw)
+    glob = ClipScorer(encode_image, encode_text, 32, mean, std, mode="global", **kw)
+    (red_l, blue_l), = local.score([img], [["red", "blue"]])
+    (red_g, _), = glob.score([img], [["red", "blue"]])
+    assert red_l > 80 and red_l > red_g + 20 and blue_l < 0
+    assert local.images_encoded == 49  # 8x8 patches -> 7x7 windows, encoded once for both objects
+
+
+# --------------------------------------------------------------------------- split rules
+
+def test_split_with_injected_scores():
+    cap = "A dog runs on grass, a cat sleeps; two cups and a bottle."
+    def obj(cat, word, score):
+        start = cap.index(word)
+        return ObjectScore(cat, word, start, start + len(word), score)
+
+    samples, dropped = split_caption(cap, [obj("dog", "dog", 40), obj("cat", "cat", 10), obj("cup", "cups", 33),
+                                           obj("bottle", "bottle", 25)], t0=32, t1=23, t2=27.5)
+    got = [(s.kind, s.object, s.context, s.target) for s in samples]
+    assert got == [("pos", "dog", "", "A dog runs on grass"), ("neg", "cat", "A dog runs on grass,", " a cat sleeps"),
+                   ("pos", "cup", "A dog runs on grass, a cat sleeps;", " two cups and a bottle")]
+    assert dropped == {}  # the bottle (25) lies between t1 and t0: no sub-sentence sample
+    # A pos object sharing its fragment with a neg object is dropped (exclusive fragments) or kept.
+    two = [obj("cup", "cups", 40), obj("bottle", "bottle", 5)]
+    s1, d1 = split_caption(cap, two, 32, 23, 27.5)
+    assert [s.kind for s in s1] == ["neg"] and d1 == {"pos_fragment_names_neg_object": 1}
+    s2, _ = split_caption(cap, two, 32, 23, 27.5, exclusive_fragments=False)
+    assert [s.kind for s in s2] == ["pos", "neg"]
+    # sent: mean > t2 and every object > t1 (strict inequalities, as EFUF's thresholds).
+    sent, _ = split_caption(cap, [obj("dog", "dog", 30), obj("cat", "cat", 26)], 32, 23, 27.5)
+    assert [(s.kind, s.target, s.score) for s in sent] == [("sent", cap, 28.0)]
+    none, _ = split_caption(cap, [obj("dog", "dog", 40), obj("cat", "cat", 23)], 32, 23, 27.5)
+    assert [s.kind for s in none] == ["pos"]  # 23 is not > t1, and not < t1 either
+
+
+# --------------------------------------------------------------------------- the run
+
+class FakeScorer:
+    """Scores from a table by object text; records what it was asked."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def score(self, images, objects):
+        self.calls.append(objects)
+        return [[self.table.get(o, 28.0) for o in objs] for objs in objects]
+
+
+def fake_captioner(captions):
+    calls = []
+
+    def caption(images, prompt, image_ids):
+        calls.append(list(image_ids))
+        return [captions[i] for i in image_ids]
+
+    caption.calls = calls
+    return caption
+
+
+def make_folder(root, n, bad=()):
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (40, 40), (i * 20, 50, 50)).save(root / f"{i:03d}.png")
+    return root
+
+
+def config(tmp_path, images, **over) -> CurationConfig:
+    cfg = load_curation_config(None, [f"input.path={images}", f"output.dir={tmp_path / 'out'}",
+                                      "output.images_per_chunk=3"] + [f"{k}={v}" for k, v in over.items()])
+    return cfg
+
+
+def test_curate_uses_vocabulary_and_writes_shards(tmp_path):
+    images = make_folder(tmp_path / "imgs", 4)
+    captions = {
+        "000": "Two puppies chase a frisbee. A toilet seat is up, a baby bird sits on it.",
+        "001": "A man rides a motor bike past a hot dog stand.",
+        "002": "Teddy bears sit on a couch; a passenger jet flies over.",
+        "003": "A red cup.",
+    }
+    scorer = FakeScorer({"puppies": 40, "frisbee": 10, "toilet seat": 35, "baby bird": 30, "man": 36,
+                         "motor bike": 20, "hot dog": 33, "teddy bears": 34, "couch": 34, "passenger jet": 31,
+                         "cup": 40})
+    cap = fake_captioner(captions)
+    manifest = curate(config(tmp_path, images), captioner=cap, scorer=scorer)
+    asked = [o for call in scorer.calls for objs in call for o in objs]
+    assert asked == ["puppies", "frisbee", "toilet seat", "baby bird", "man", "motor bike", "hot dog",
+                     "teddy bears", "couch", "passenger jet", "cup"]
+    got = {(s.image_id, s.kind, s.object): s for s in iter_samples(tmp_path / "out")}
+    # "puppies" (dog, 40) shares its fragment with the hallucinated frisbee, "man" (person) with the
+    # hallucinated motor bike (so is "hot dog"): exclusive fragments drop those pos candidates.
+    assert set(got) == {
+        ("000", "neg", "frisbee"), ("000", "pos", "toilet"), ("001", "neg", "motorcycle"),
+        ("002", "pos", "teddy bear"), ("002", "pos", "couch"), ("002", "sent", ""),
+        ("003", "pos", "cup"), ("003", "sent", ""),
+    }
+    toilet = got["000", "pos", "toilet"]
+    assert (toilet.context, toilet.target) == ("Two puppies chase a frisbee.", " A toilet seat is up")
+    assert got["001", "neg", "motorcycle"].target == "A man rides a motor bike past a hot dog stand"
+    assert got["000", "neg", "frisbee"].target == "Two puppies chase a frisbee"
+    sent = got["002", "sent", ""]
+    assert (sent.context, sent.target, sent.score) == ("", captions["002"], pytest.approx((34 + 34 + 31) / 3))
+    assert sent.meta["caption"] == captions["002"] and sent.prompt == CurationConfig().caption.prompt
+    assert got["003", "pos", "cup"].image.getpixel((0, 0)) == (60, 50, 50)
+    assert manifest["dropped_candidates"] == {"pos_fragment_names_neg_object": 3}  # dog, person, hot dog
+    assert manifest["counts"] == {"pos": 4, "neg": 2, "sent": 2}
+    assert sum(s["count"] for s in manifest["shards"]) == 8
+    assert {s["name"] for s in manifest["shards"]} == {p.name for p in (tmp_path / "out").glob("*.tar")}
+    assert manifest["config"]["split"]["t0"] == 32.0 and "torch" in manifest["versions"]
+    assert (tmp_path / "out" / "scores.png").stat().st_size > 1000
+    assert cap.calls == [["000", "001", "002"], ["003"]]
+
+
+def test_skipped_inputs_are_counted(tmp_path):
+    scenes = write_synthetic_coco(tmp_path / "scenes", 8, 40, seed=1)
+    (scenes / "images" / "000001.png").write_bytes(b"not an image at all")
+    data = (scenes / "images" / "000002.png").read_bytes()
+    (scenes / "images" / "000002.png").write_bytes(data[: len(data) // 2])  # truncated
+    (scenes / "images" / "000003.png").unlink()  # listed in the annotations, missing on disk
+    captions = {str(i): "The image shows a dog." for i in range(1, 9)}
+    captions["4"] = "   "
+    captions["5"] = "A picture of nothing in particular."
+    cfg = config(tmp_path, scenes / "images", **{"input.annotations": scenes / "instances.json"})
+    manifest = curate(cfg, captioner=fake_captioner(captions), scorer=FakeScorer({"dog": 40}))
+    assert manifest["skipped"] == {"empty_caption": 1, "missing_image": 1, "no_objects": 1, "unreadable_image": 2}
+    assert manifest["images"] == {"input": 8, "curated": 3}
+    # COCO annotations label every scored object present / absent (for calibration).
+    labels = json.load(open(tmp_path / "out" / ".chunks" / "chunk-000002.json"))["scores"]
+    assert all(isinstance(x[2], bool) for x in labels)
+
+
+def test_resume_redoes_only_unfinished_chunks(tmp_path):
+    images = make_folder(tmp_path / "imgs", 8)
+    captions = {f"{i:03d}": f"A dog and a cat, number {i}." for i in range(8)}
+    scores = {"dog": 40, "cat": 10}
+    full = curate(config(tmp_path / "a", images), captioner=fake_captioner(captions), scorer=FakeScorer(scores))
+    cfg = config(tmp_path / "b", images)
+    assert curate(cfg, captioner=fake_captioner(captions), scorer=FakeScorer(scores), max_chunks=1) is None
+    out = tmp_path / "b" / "out"
+    (out / "neg-000001.tar.tmp").write_bytes(b"half a shard")  # what a killed writer leaves
+    cap = fake_captioner(captions)
+    resumed = curate(cfg, captioner=cap, scorer=FakeScorer(scores))
+    assert cap.calls == [["003", "004", "005"], ["006", "007"]]  # chunk 0 was not redone
+    assert not list(out.glob("*.tmp"))
+    assert resumed["counts"] == full["counts"] and resumed["shards"] == full["shards"]
+    for shard in full["shards"]:  # byte-identical shards
+        assert (out / shard["name"]).read_bytes() == (tmp_path / "a" / "out" / shard["name"]).read_bytes()
+    with pytest.raises(ResumeMismatchError, match="split.t0"):
+        curate(config(tmp_path / "b", images, **{"split.t0": 35}), captioner=cap, scorer=FakeScorer(scores))
+
+
+def test_shard_input_and_tiny_clip_end_to_end(tmp_path):
+    import webdataset as wds
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(src / f"imgs-{s:06d}.tar")) as w:
+            for i in range(2):
+                buf = io.BytesIO()
+                Image.new("RGB", (64, 48), (200, 10 * i, 0)).save(buf, format="JPEG")
+                w.write({"__key__": f"im{s}{i}", "jpg": buf.getvalue()})
+    captions = {"im00": "A dog.", "im01": "A cat, a dog.", "im10": "A bird.", "im11": "A cup."}
+    cfg = config(tmp_path, str(src / "imgs-{000000..000001}.tar"), **{
+        "clip.model": TINY_CLIP_NAME, "clip.pretrained": "", "clip.patch_size": 16, "clip.window_patches": 2,
+        "split.t0": 0, "split.t1": -100, "split.t2": 0, "output.image_format": "jpg"})
+    manifest = curate(cfg, captioner=fake_captioner(captions))
+    assert manifest["counts"]["pos"] + manifest["counts"]["neg"] == 5
+    samples = list(iter_samples(tmp_path / "out"))
+    assert {s.image_id for s in samples} == set(captions) and all(s.image.size == (64, 48) for s in samples)
+
+
+def test_model_captioner_with_tiny_llava(tmp_path, tiny_model_dir):
+    images = make_folder(tmp_path / "imgs", 2)
+    cfg = config(tmp_path, images, **{"model.name_or_path": tiny_model_dir, "caption.max_new_tokens": 6,
+                                      "caption.batch_size": 2, "clip.mode": "global"})
+    manifest = curate(cfg, scorer=FakeScorer({}))
+    # A random tiny model rarely names a COCO object: every image is accounted for either way.
+    assert manifest["images"]["input"] == 2
+    assert manifest["images"]["curated"] + sum(manifest["skipped"].values()) == 2
+
+
+# --------------------------------------------------------------------------- calibration, config
+
+def test_calibration_proposes_quantiles(tmp_path):
+    rng = np.random.default_rng(0)
+    present, absent = rng.normal(31, 4, 500), rng.normal(22, 4, 200)  # overlapping, like EFUF's Figure 2
+    r = propose_thresholds(list(present), list(absent), 0.05, 0.05)
+    assert r["t1"] == pytest.approx(np.quantile(present, 0.05)) and r["t0"] == pytest.approx(np.quantile(absent, 0.95))
+    assert r["t1"] < r["t0"] and r["t2"] == pytest.approx((r["t0"] + r["t1"]) / 2)
+    assert r["present"]["below_t1"] == pytest.approx(0.05, abs=0.01)
+    assert r["absent"]["above_t0"] == pytest.approx(0.05, abs=0.01)
+    # Well separated: the quantiles cross (t1 > t0 would break t1 <= t0), both become the midpoint.
+    sep = propose_thresholds(list(present + 20), list(absent), 0.05, 0.05)
+    mid = (np.quantile(present + 20, 0.05) + np.quantile(absent, 0.95)) / 2
+    assert sep["t0"] == sep["t1"] == sep["t2"] == pytest.approx(mid)
+    with pytest.raises(ValueError, match="at least 2 present"):
+        propose_thresholds([1.0], [1.0, 2.0])
+    scenes = write_synthetic_coco(tmp_path / "scenes", 6, 40, seed=2)
+    cfg = config(tmp_path, scenes / "images", **{"input.annotations": scenes / "instances.json",
+                                                 "caption.source": "annotations",
+                                                 "caption.captions_file": scenes / "captions.json"})
+    present_words = {"dog": 35, "cat": 34, "car": 33, "bird": 36, "cup": 32, "chair": 31}
+    curate(cfg, scorer=FakeScorer(present_words))
+    result = calibrate_dir(tmp_path / "out")
+    assert result["present"]["n"] > 0 and result["absent"]["n"] > 0
+    assert (tmp_path / "out" / "calibration.png").is_file()
+
+
+def test_config_errors_name_field_rule_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"split.t1 = 40.0 is invalid: must not exceed split.t0.*Fix"):
+        load_curation_config(None, ["input.path=x", "split.t1=40"])
+    with pytest.raises(ConfigError, match="input.path"):
+        load_curation_config(None, [])
+    with pytest.raises(ConfigError, match="did you mean `clip.mode`"):
+        load_curation_config(None, ["input.path=x", "clip.mdoe=local"])

@@ -1,0 +1,72 @@
+"""CHAIR on hand-made COCO-format fixtures, answers worked out by hand.
+
+    .venv/bin/python -m pytest tests/test_eval_chair.py -q
+"""
+import json
+
+import pytest
+
+from sare_ds.eval.chair import chair
+from sare_ds.eval.coco import CocoFormatError, CocoTruth
+
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 17, "name": "cat"}, {"id": 18, "name": "dog"},
+              {"id": 67, "name": "dining table"}, {"id": 63, "name": "couch"}]
+IMAGES = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}, {"id": 3, "file_name": "c.png"}]
+
+
+@pytest.fixture()
+def truth(tmp_path):
+    instances = {"images": IMAGES, "categories": CATEGORIES, "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 18}, {"id": 2, "image_id": 1, "category_id": 67},
+        {"id": 3, "image_id": 2, "category_id": 1}]}
+    captions = {"images": IMAGES, "annotations": [
+        {"id": 1, "image_id": 1, "caption": "A man and his puppy under a table."},   # adds person
+        {"id": 2, "image_id": 2, "caption": "A man riding a horse."},               # adds horse
+        {"id": 3, "image_id": 3, "caption": "An empty room with a sofa."}]}         # adds couch
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    return CocoTruth.from_files([tmp_path / "instances.json"], [tmp_path / "captions.json"])
+
+
+def test_ground_truth_is_instances_plus_reference_caption_objects(truth):
+    assert truth.objects == {1: {"dog", "dining table", "person"}, 2: {"person", "horse"}, 3: {"couch"}}
+    assert truth.captions[2] == ["A man riding a horse."]
+    assert [str(p) for _, p in truth.image_paths("imgs")] == ["imgs/a.png", "imgs/b.png", "imgs/c.png"]
+
+
+def test_chair_scores_by_hand(truth):
+    records = [
+        # mentions: dog (dogs), dining table, cat, cat -> the two cats are hallucinated
+        {"image_id": 1, "caption": "Two dogs sit by the dining table next to a cat and a cat toy."},
+        # person, horse, train (passenger train -> train, not a person) -> train hallucinated
+        {"image_id": 2, "caption": "A person rides a horse past a passenger train."},
+        {"image_id": 3, "caption": "A couch in a room."},
+        {"image_id": 99, "caption": "A dog."},  # no ground truth: skipped and counted
+    ]
+    result = chair(records, truth)
+    assert result["CHAIR_S"] == pytest.approx(2 / 3)   # 2 of 3 captions hallucinate
+    assert result["CHAIR_I"] == pytest.approx(3 / 8)   # 3 hallucinated of 4 + 3 + 1 mentions
+    assert result["recall"] == pytest.approx(5 / 6)    # person of image 1 is never mentioned
+    assert result["skipped_no_ground_truth"] == 1
+    first, second, third = result["captions"]
+    assert first["mentioned"] == ["dog", "dining table", "cat"]
+    assert first["grounded"] == ["dog", "dining table"]
+    assert first["hallucinated"] == ["cat"]
+    assert [w[:2] for w in first["hallucinated_words"]] == [["cat", "cat"], ["cat", "cat"]]
+    assert first["CHAIR_I"] == pytest.approx(0.5) and first["CHAIR_S"] == 1
+    assert second["hallucinated"] == ["train"] and second["hallucinated_words"][0][0] == "passenger train"
+    assert third == {**third, "mentioned": ["couch"], "hallucinated": [], "CHAIR_S": 0, "CHAIR_I": 0.0}
+
+
+def test_unknown_category_and_missing_fields_are_named(tmp_path):
+    bad = {"images": IMAGES, "categories": [{"id": 5, "name": "spaceship"}],
+           "annotations": [{"id": 7, "image_id": 1, "category_id": 5}]}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(CocoFormatError, match="spaceship"):
+        CocoTruth.from_files([tmp_path / "bad.json"], [])
+    (tmp_path / "nocap.json").write_text(json.dumps({"images": IMAGES, "annotations": [{"id": 1, "image_id": 1}]}))
+    with pytest.raises(CocoFormatError, match="no `caption`"):
+        CocoTruth.from_files([], [tmp_path / "nocap.json"])
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(CocoFormatError, match="no `images`"):
+        CocoTruth.from_files([tmp_path / "empty.json"], [])

@@ -1,0 +1,82 @@
+"""CHAIR's object vocabulary (sare_ds.objects) on hand-checked captions.
+
+    .venv/bin/python -m pytest tests/test_objects.py -q
+"""
+import pytest
+
+from sare_ds.objects import CocoVocabulary, Mention, SynonymFileError
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return CocoVocabulary.default()
+
+
+def test_packaged_file_has_the_80_coco_categories(vocab):
+    assert len(vocab.categories) == 80
+    assert vocab.categories[0] == "person" and vocab.categories[-1] == "toothbrush"
+    assert "dining table" in vocab.categories and "hair drier" in vocab.categories
+
+
+def test_mentions_have_category_surface_and_span(vocab):
+    caption = "Two puppies and a hot dog on a dining table."
+    got = vocab.mentions(caption)
+    assert got == [
+        Mention("dog", "puppies", 4, 11),
+        Mention("hot dog", "hot dog", 18, 25),
+        Mention("dining table", "dining table", 31, 43),
+    ]
+    assert all(caption[m.start:m.end] == m.word for m in got)
+
+
+@pytest.mark.parametrize("caption, expected", [
+    # two-word rules: qualifiers before animals / vehicles are not persons
+    ("A baby bird and an adult elephant.", ["bird", "elephant"]),
+    ("A passenger jet over a passenger train.", ["airplane", "train"]),
+    ("A jet.", ["airplane"]),
+    ("A man in a bow tie.", ["person", "tie"]),
+    # the toilet seat is a toilet, and any "seat" next to a toilet is dropped (not a chair)
+    ("The toilet seat is up.", ["toilet"]),
+    ("The seat of the toilet.", ["toilet"]),
+    ("A seat by the window.", ["chair"]),
+    # phrases that name no object consume their words: train tracks are not a train
+    ("Train tracks near home plate.", []),
+    # compound names and their singular forms
+    ("Teddy bears, cell phones, stop signs and wine glasses.", ["teddy bear", "cell phone", "stop sign", "wine glass"]),
+    ("A fire hydrant, a tennis racket and a hair drier.", ["fire hydrant", "tennis racket", "hair drier"]),
+    ("A rider on a motor bike.", ["person", "motorcycle"]),
+    # singularisation: regular, -ies, -es, -ves, -men, irregular, already plural entries
+    ("Horses, ponies, buses, knives, policemen, mice and geese.",
+     ["horse", "bus", "knife", "person", "mouse", "bird"]),
+    ("People on skis with children.", ["person", "skis"]),
+    # words that only look like objects
+    ("A hot, dog-like day.", []),
+    ("Snow and glasses on the bench.", ["bench"]),
+])
+def test_objects_follow_chair_rules(vocab, caption, expected):
+    assert vocab.objects(caption) == expected
+
+
+def test_repeated_mentions_are_all_listed(vocab):
+    got = vocab.mentions("A dog chases another dog past the stove top oven.")
+    # the reference matches pairs only: "stove top oven" counts as stove (oven) + oven
+    assert [m.category for m in got] == ["dog", "dog", "oven", "oven"]
+    assert vocab.objects("A dog chases another dog.") == ["dog"]
+
+
+def test_poodle_and_reference_spelling_quirks(vocab):
+    assert vocab.objects("A poodle next to a Motorbike.") == ["dog", "motorcycle"]
+    assert vocab.category_of("Dining Table") == "dining table"
+    assert vocab.category_of("spaceship") is None
+
+
+def test_custom_file_and_bad_file(tmp_path):
+    path = tmp_path / "syn.txt"
+    path.write_text("cat, kitten\ndog, puppy\n")
+    vocab = CocoVocabulary.from_file(path)
+    assert vocab.objects("Kittens and a puppy.") == ["cat", "dog"]
+    path.write_text("cat, kitten\ncat, tabby\n")
+    with pytest.raises(SynonymFileError, match="already has a line"):
+        CocoVocabulary.from_file(path)
+    with pytest.raises(FileNotFoundError, match="synonyms file"):
+        CocoVocabulary.from_file(tmp_path / "missing.txt")

@@ -1,0 +1,240 @@
+"""Shard format and the training stream: round trip, per-rank disjointness and coverage, determinism,
+resume at a step (with and without DataLoader workers), corrupt shards, shard-count and remote
+checks, and real tokenisation against the plain sequential reader.
+
+    .venv/bin/python -m pytest tests/test_stream.py -q
+"""
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from sare_ds.data.samples import KINDS
+from sare_ds.data.shards import (
+    CorruptShardError,
+    ShardWriter,
+    iter_samples,
+    list_shards,
+    make_record,
+    shard_name,
+)
+from sare_ds.data.stream import NotEnoughShardsError, ShardStream, deal
+
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(root, sizes: dict[str, list[int]]) -> list[dict]:
+    """Shards with the given sample counts per kind; returns the records written, in order."""
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    n = 0
+    for kind, counts in sizes.items():
+        for index, count in enumerate(counts):
+            with ShardWriter(root / shard_name(kind, index)) as w:
+                for i in range(count):
+                    rec = make_record(f"img{n}", "Describe.", "A ", f"{kind} target {n}", kind,
+                                      "dog" if kind != "sent" else "", 30.0 + i, f"A {kind} target {n}")
+                    w.write(f"{index:06d}_{i:07d}", _png((n % 256, 0, 0)), "png", rec)
+                    records.append(rec)
+                    n += 1
+    return records
+
+
+def ident(sample):
+    return (sample.image_id, sample.kind, sample.target)
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    # Unequal shard sizes so balancing and dropping are exercised.
+    root = tmp_path / "curated"
+    records = write_shards(root, {"neg": [7, 5, 6, 4], "pos": [3, 4, 2, 5], "sent": [2, 3, 2, 2]})
+    return root, records
+
+
+def test_round_trip_and_atomic_write(tmp_path):
+    path = tmp_path / "neg-000000.tar"
+    w = ShardWriter(path)
+    rec = make_record("42", "p", "ctx, ", " target", "neg", "cat", 12.5, "ctx, target")
+    w.write("000000_0000000", _png((1, 2, 3)), "png", rec)
+    assert not path.exists() and w.tmp.exists()  # readers never see a half-written shard
+    w.commit()
+    assert path.exists() and not w.tmp.exists()
+    (s,) = list(iter_samples(tmp_path))
+    assert (s.image_id, s.prompt, s.context, s.target, s.kind, s.object, s.score, s.meta["caption"]) == (
+        "42", "p", "ctx, ", " target", "neg", "cat", 12.5, "ctx, target")
+    assert s.image.getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path / "pos-000000.tar") as w2:
+        w2.write("k", _png((0, 0, 0)), "png", rec)
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.glob("pos-*")) == []  # aborted: no shard, no temporary file
+    with pytest.raises(ValueError, match="key"):
+        ShardWriter(tmp_path / "sent-000000.tar").write("a.b", b"", "png", rec)
+
+
+def test_iter_samples_kind_filter(shards):
+    root, records = shards
+    assert [ident(s) for s in iter_samples(root)] == [(r["image_id"], r["kind"], r["target"]) for r in records]
+    assert {s.kind for s in iter_samples(root, kind="pos")} == {"pos"}
+    assert len(list_shards(str(root / "neg-{000000..000003}.tar"))) == 4
+
+
+def test_deal_balances_and_partitions():
+    urls = [f"s{i}" for i in range(7)]
+    counts = dict(zip(urls, [9, 1, 5, 5, 3, 7, 2]))
+    groups = deal(urls, counts, 3)
+    assert sorted(u for g in groups for u in g) == sorted(urls)
+    loads = [sum(counts[u] for u in g) for g in groups]
+    assert max(loads) - min(loads) <= 2
+
+
+def _collect(stream):
+    return [[{k: list(v) for k, v in mb.items()} for mb in step] for step in stream]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_ranks_disjoint_and_cover(shards, workers):
+    root, records = shards
+    per_step = {"pos": 1, "neg": 1, "sent": 1}
+    # With workers: 2 ranks x 2 workers = 4 slots, one shard of each kind each.
+    streams = [ShardStream(root, per_step=per_step, grad_accum_steps=1, epochs=1, seed=3, rank=r, world_size=2,
+                           num_workers=workers, tokenize=ident, shuffle_buffer=4) for r in range(2)]
+    assert len(streams[0]) == len(streams[1])  # ranks stay in lockstep
+    seen = {r: _collect(s) for r, s in enumerate(streams)}
+    assert all(len(seen[r]) == len(streams[r]) for r in range(2))
+    for step in seen[0]:
+        assert len(step) == 1 and {k: len(v) for k, v in step[0].items()} == {"pos": 1, "neg": 1, "sent": 1}
+    neg = {r: [x for step in seen[r] for mb in step for x in mb["neg"]] for r in range(2)}
+    all_neg = {(r["image_id"], r["kind"], r["target"]) for r in records if r["kind"] == "neg"}
+    # Disjoint; each neg seen at most once per epoch; together all but the reported surplus.
+    assert not set(neg[0]) & set(neg[1])
+    assert all(max(Counter(neg[r]).values()) == 1 for r in range(2))
+    assert len(set(neg[0]) | set(neg[1])) == len(all_neg) - streams[0].dropped_per_epoch
+    assert set(neg[0]) | set(neg[1]) <= all_neg
+    # Cycled kinds come from each rank's own shards: disjoint across ranks too.
+    for kind in ("pos", "sent"):
+        mine = [{x for step in seen[r] for mb in step for x in mb[kind]} for r in range(2)]
+        assert not mine[0] & mine[1]
+
+
+def test_full_coverage_when_balanced(tmp_path):
+    root = tmp_path / "c"
+    records = write_shards(root, {"neg": [4, 4, 4, 4], "pos": [1, 1]})
+    per_step = {"pos": 1, "neg": 2}
+    got = []
+    for r in range(2):
+        s = ShardStream(root, per_step=per_step, grad_accum_steps=2, seed=0, rank=r, world_size=2, tokenize=ident)
+        assert len(s) == 2 and s.dropped_per_epoch == 0
+        got += [x for step in s for mb in step for x in mb["neg"]]
+    assert sorted(got) == sorted((r["image_id"], "neg", r["target"]) for r in records if r["kind"] == "neg")
+
+
+def test_epochs_reshuffle_and_seed_determinism(shards):
+    root, _ = shards
+    kw = dict(per_step={"neg": 1, "pos": 2}, epochs=2, tokenize=ident, shuffle_buffer=8)
+    a, b = _collect(ShardStream(root, seed=1, **kw)), _collect(ShardStream(root, seed=1, **kw))
+    assert a == b
+    assert _collect(ShardStream(root, seed=2, **kw)) != a
+    stream = ShardStream(root, seed=1, **kw)
+    half = len(stream) // 2
+    first = [mb["neg"][0] for step in a[:half] for mb in step]
+    second = [mb["neg"][0] for step in a[half:] for mb in step]
+    assert sorted(first) == sorted(second) and first != second  # each epoch one reshuffled pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_at_step(shards, workers):
+    root, _ = shards
+    kw = dict(per_step={"pos": 1, "neg": 1, "sent": 1}, epochs=3, seed=5, num_workers=workers, tokenize=ident,
+              shuffle_buffer=3)
+    full = _collect(ShardStream(root, **kw))
+    for start in (1, 4, len(full) - 1):
+        assert _collect(ShardStream(root, start_step=start, **kw)) == full[start:]
+
+
+def test_max_steps_and_len(shards):
+    root, _ = shards
+    s = ShardStream(root, per_step={"neg": 1}, epochs=2, max_steps=5, tokenize=ident)
+    assert len(s) == 5 and len(_collect(s)) == 5
+
+
+def test_fewer_shards_than_slots(shards):
+    root, _ = shards
+    with pytest.raises(NotEnoughShardsError, match="world_size x workers = 2 x 3 = 6"):
+        ShardStream(root, per_step={"neg": 1}, world_size=2, num_workers=3, tokenize=ident)
+
+
+def test_remote_sources_need_opt_in(tmp_path):
+    for url in ("pipe:cat x.tar", "https://example.org/neg-{000000..000001}.tar"):
+        with pytest.raises(ValueError, match="allow_remote"):
+            ShardStream(url, per_step={"neg": 1}, tokenize=ident)
+
+
+def _corrupt_member(root):
+    """Replace one image member of neg-000001 with bytes that are not an image."""
+    import tarfile
+
+    path = root / "neg-000001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            if i == 0:
+                data = b"not a png"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_truncated_shard_raises_or_is_skipped(shards):
+    root, _ = shards
+    path = root / "neg-000002.tar"
+    path.write_bytes(path.read_bytes()[:1500])  # cut inside the second member
+    with pytest.raises(CorruptShardError, match="skip_corrupt"):
+        _collect(ShardStream(root, per_step={"neg": 1}, tokenize=ident))
+    s = ShardStream(root, per_step={"neg": 1}, tokenize=ident, skip_corrupt=True)
+    steps = _collect(s)
+    assert len(steps) == len(s)  # topped up: the rank keeps its step count
+    assert s.skipped.get("corrupt_member", 0) >= 1 and s.skipped.get("topped_up", 0) >= 1
+
+
+def test_corrupt_member_raises_or_is_counted(shards):
+    root, _ = shards
+    _corrupt_member(root)
+    with pytest.raises(CorruptShardError, match="does not decode"):
+        list(iter_samples(root, kind="neg"))
+    with pytest.raises(CorruptShardError, match="neg-000001"):
+        _collect(ShardStream(root, per_step={"neg": 1}, tokenize=ident))
+    s = ShardStream(root, per_step={"neg": 1}, tokenize=ident, skip_corrupt=True)
+    assert len(_collect(s)) == len(s) and s.skipped["corrupt_member"] == 1
+
+
+def test_real_tokenisation_matches_reader(adapter, tmp_path):
+    from sare_ds.data.steps import StepComposer
+    from sare_ds.data.tokenize import tokenize_sample
+    from sare_ds.train.step import collate_groups
+
+    root = tmp_path / "c"
+    write_shards(root, {"neg": [3, 3], "pos": [2, 2], "sent": [2, 2]})
+    stream = ShardStream(root, adapter, per_step={"pos": 1, "neg": 1, "sent": 1}, grad_accum_steps=2, seed=0,
+                         max_length=512)
+    reference = {(s.image_id, s.kind): tokenize_sample(s, adapter, 512) for s in iter_samples(root)}
+    steps = list(stream)
+    composer = StepComposer({k: [0] * 8 for k in KINDS}, {"pos": 1, "neg": 1, "sent": 1}, 2, 1, 0)
+    first = next(iter(composer))
+    assert len(steps) == len(stream) == 3
+    for step in steps:
+        assert len(step) == len(first) and [sorted(mb) for mb in step] == [sorted(mb) for mb in first]
+        for mb in step:
+            for kind, items in mb.items():
+                for t in items:
+                    ref = reference[(t.image_id, kind)]
+                    assert t.input_ids.tolist() == ref.input_ids.tolist()
+                    assert t.labels.tolist() == ref.labels.tolist()
+            collate_groups(mb, "sare", adapter.tokenizer.pad_token_id or 0)  # the trainer's next stage
