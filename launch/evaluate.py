@@ -2,17 +2,25 @@
 
     # a training run (base checkpoint + runs/<run>/trainable.safetensors) on the toy scenes
     python launch/evaluate.py --run runs/quickstart --scenes runs/eval-scenes
+    # a model sharded over the ranks (ZeRO-3 inference; every rank joins every forward):
+    deepspeed --num_gpus 8 launch/evaluate.py --run sare=runs/sare --synced-gpus true ...
     # LLaVA-1.5 on COCO val2014 (see docs/evaluation.md), 2 GPUs:
-    torchrun --nproc_per_node 2 launch/evaluate.py --base llava-hf/llava-1.5-7b-hf --run sare=runs/sare \
+    deepspeed --num_gpus 2 launch/evaluate.py --base llava-hf/llava-1.5-7b-hf --run sare=runs/sare \
         --instances annotations/instances_val2014.json --captions annotations/captions_val2014.json \
         --image-dir val2014 --pope packaged --num-images 500 --max-new-tokens 512 --out runs/eval
 
 Writes <out>/<name>/{eval.json, eval.md, captions.jsonl, pope_<split>.jsonl} and <out>/summary.md.
-Only wires sare_ds.eval together.
+Several ranks: start with `deepspeed` (or mpirun); torchrun's own parser takes `--run` for its
+`--run-path` option. Only wires sare_ds.eval together.
 """
 import argparse
 import os
 from pathlib import Path
+
+import torch
+
+# DeepSpeed (ZeRO-3 inference, process groups) picks its accelerator at import.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 import sare_ds  # noqa: F401  (torchvision guard before transformers)
 from sare_ds.eval.evaluate import EvalConfig, EvalData, evaluate_run, markdown_table, summary_row
@@ -40,6 +48,7 @@ def main() -> None:
     ap.add_argument("--pope", nargs="*", default=[], help="`packaged` (COCO splits) or split=file ... ")
     ap.add_argument("--pope-image-dir", help="folder of the POPE images (default: --image-dir)")
     ap.add_argument("--out", default="runs/eval")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     for name, f in EvalConfig.__dataclass_fields__.items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(f.default) if not isinstance(f.default, bool) else
                         (lambda s: s.lower() in ("1", "true", "yes")), default=f.default)

@@ -231,7 +231,9 @@ def evaluate_run(run_dir: str | Path | None, data: EvalData, *, cfg: EvalConfig 
     from sare_ds.eval.weights import load_method_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    adapter = load_method_model(run_dir, base=base, device=device)
+    cfg = cfg or EvalConfig()
+    # synced_gpus means the model is sharded across ranks: load it under ZeRO-3.
+    adapter = load_method_model(run_dir, base=base, device=device, zero3=cfg.synced_gpus)
     result = evaluate_model(adapter, data, cfg)
     target = Path(out_dir) if out_dir else Path(run_dir or ".") / "eval"
     write_evaluation(result, target, name or (Path(run_dir).name if run_dir else "base"))
