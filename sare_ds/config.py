@@ -84,12 +84,6 @@ class DataConfig:
     """Whole-sentence samples per micro-batch (EFUF: 1)."""
     max_length: int = 512
     """Longest tokenised sample (image tokens included); longer samples are an error."""
-    t0: float = 32.0
-    """CLIP score (100 x cosine) above which an object is present: its sub-sentence is positive."""
-    t1: float = 23.0
-    """CLIP score below which an object is hallucinated: its sub-sentence is negative."""
-    t2: float = 27.5
-    """Mean object score above which a whole response is a sentence sample (all objects also > t1)."""
     num_workers: int = 0
     """DataLoader worker processes."""
 
@@ -317,9 +311,6 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.lambda1 >= 0, "method.lambda1", m.lambda1, "loss weights must be >= 0 (the sign of the neg loss is built in)",
              "use 0.3 (paper)")
     _require(m.lambda2 >= 0, "method.lambda2", m.lambda2, "loss weights must be >= 0", "use 0.2-0.3 (paper)")
-    _require(d.t1 <= d.t0, "data.t1", d.t1, f"the hallucination threshold must not exceed the presence threshold data.t0 = {d.t0}",
-             "lower data.t1 or raise data.t0 (EFUF: t1=23 < t0=32)")
-    _require(d.t1 <= d.t2, "data.t2", d.t2, f"the sentence threshold must be >= data.t1 = {d.t1}", "EFUF: t2=27.5")
     for name in ("pos_per_step", "neg_per_step", "sent_per_step"):
         _require(getattr(d, name) >= 0, f"data.{name}", getattr(d, name), "must be >= 0", "use 1 (EFUF)")
     _require(d.pos_per_step + d.neg_per_step + d.sent_per_step > 0, "data.*_per_step", 0,

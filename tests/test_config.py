@@ -14,7 +14,10 @@ def test_defaults_follow_the_method():
     assert (cfg.method.name, cfg.method.rho, cfg.method.lambda1) == ("sare", 0.05, 0.3)
     assert 0.2 <= cfg.method.lambda2 <= 0.3
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs) == ("adamw", 1e-5, 0.05, 1)
-    assert (cfg.data.t0, cfg.data.t1, cfg.data.t2) == (32.0, 23.0, 27.5)
+    from sare_ds.curation.config import load_curation_config
+
+    split = load_curation_config(None, ["input.path=images"]).split  # the thresholds belong to curation
+    assert (split.t0, split.t1, split.t2) == (32.0, 23.0, 27.5)
     assert cfg.model.trainable == "mapping"
 
 
@@ -45,7 +48,6 @@ def test_dump_round_trip(tmp_path):
     ("method.rho=-0.1", ["method.rho", ">= 0", "Fix"]),
     ("method.lambda1=-1", ["method.lambda1", ">= 0", "Fix"]),
     ("method.lambda2=-0.5", ["method.lambda2", ">= 0"]),
-    ("data.t1=40", ["data.t1", "data.t0", "Fix"]),
     ("method.name=dpo", ["method.name", "'dpo'", "ft, efuf or sare"]),
     ("optim.lr=0", ["optim.lr", "> 0"]),
     ("optim.epochs=0", ["optim.epochs", ">= 1"]),
@@ -75,3 +77,11 @@ def test_docs_config_reference_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == config_markdown(), "regenerate: python -m sare_ds.config > docs/config.md"
+
+
+def test_curation_thresholds_are_validated():
+    from sare_ds.curation.config import load_curation_config
+
+    with pytest.raises(ConfigError) as err:
+        load_curation_config(None, ["input.path=images", "split.t1=40"])
+    assert "split.t1" in str(err.value) and "split.t0" in str(err.value)
