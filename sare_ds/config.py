@@ -130,8 +130,9 @@ class OptimConfig:
     """Perturb/restore/norm primitives: auto (fused Triton kernels where Triton runs, else torch),
     triton (error if it cannot run) or torch (foreach reference)."""
     check_finite: bool = True
-    """Before each optimizer step check the loss and gradient norm are finite (one host sync a step); a
-    non-finite value stops the run with the weights of the last good step."""
+    """Before each optimizer step check the composed gradient norm is finite (the step's one host sync);
+    a non-finite value stops the run with the weights of the last good step. false: checked only at the
+    logging interval, when a bad update may already be in the weights (resume from a checkpoint)."""
     seed: int = 0
     """Seed for weights init, data order and perturbation probes."""
 
@@ -225,6 +226,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-5" (no dot) as a string; it is the usual way to write a rate.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if isinstance(value, str):
             return value

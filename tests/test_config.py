@@ -32,8 +32,9 @@ def test_every_field_has_a_docstring():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("method:\n  name: efuf\n  lambda1: 0.2\noptim:\n  lr: 2.0e-5\n")
-    cfg = load_config(path, ["method.lambda1=0.1", "model.lora_target_modules=[q_proj,k_proj]"])
+    cfg = load_config(path, ["method.lambda1=0.1", "model.lora_target_modules=[q_proj,k_proj]", "optim.adam_eps=1e-6"])
     assert cfg.method.name == "efuf" and cfg.method.lambda1 == 0.1 and cfg.optim.lr == 2e-5
+    assert cfg.optim.adam_eps == 1e-6  # YAML 1.1 would read 1e-6 as a string
     assert cfg.model.lora_target_modules == ["q_proj", "k_proj"]
 
 

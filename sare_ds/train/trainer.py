@@ -304,6 +304,13 @@ def train(cfg: TrainConfig) -> Path:
                     **{f"perf/phase/{k}": v / n for k, v in phases.items()},
                 })
                 t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+                if not all(math.isfinite(v) for v in last.values()):
+                    # Only reachable with optim.check_finite=false (no per-step check): the bad
+                    # update may already be in the weights, so stop and point at the checkpoint.
+                    raise NonFiniteError(
+                        f"non-finite metrics at step {step_idx} ({', '.join(k for k, v in last.items() if not math.isfinite(v))}) "
+                        "with optim.check_finite=false: the weights may be corrupt. Fix: resume from the last "
+                        "checkpoint with optim.check_finite=true and a lower optim.lr / method.lambda1 / method.rho.")
             if use_ds and cfg.output.save_every and step_idx % cfg.output.save_every == 0 and step_idx != total:
                 save_checkpoint(rt, run_dir, step_idx)
     except NonFiniteError:
