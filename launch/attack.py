@@ -6,15 +6,25 @@
 
 Writes <out>/report.md (one table: every method under every attack, with changes),
 report.json, relearn_curve.png (CHAIR_S against relearning samples, one line per method),
-landscape.png (the sharpness probe) and config.json. Only wires sare_ds.eval together.
+landscape.png (the sharpness probe) and config.json. Several ranks (`deepspeed --num_gpus N
+launch/attack.py ...`): caption generation is spread over them, each rank repeats the
+fine-tunes (docs/evaluation.md, "Not covered"), rank 0 writes. Only wires sare_ds.eval together.
 """
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
+import torch
+
+# DeepSpeed (process groups) picks its accelerator at import.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
 import sare_ds  # noqa: F401  (torchvision guard before transformers)
+from sare_ds.eval.distributed import rank_and_world
 from sare_ds.eval.evaluate import EvalConfig, EvalData
 from sare_ds.eval.pope import packaged_pope_files
+from sare_ds.eval.runs import parse_runs
 from sare_ds.eval.suite import AttackConfig, run_attack_suite
 
 
@@ -29,7 +39,8 @@ def _flag_type(default):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", action="append", required=True,
-                    help="name=run_dir, or name=base for the base checkpoint (repeatable, report order)")
+                    help="name=run_dir, run_dir (named after its folder), or `base` / name=base for the "
+                         "base checkpoint (repeatable, report order)")
     ap.add_argument("--base", help="base checkpoint (needed for name=base; default: each run's own)")
     ap.add_argument("--scenes", help="folder of a generated scene eval set (written if missing)")
     ap.add_argument("--scene-images", type=int, default=16)
@@ -38,6 +49,7 @@ def main() -> None:
     ap.add_argument("--image-dir")
     ap.add_argument("--pope", nargs="*", default=[], help="`packaged` or split=file ... (unattacked models only)")
     ap.add_argument("--out", default="runs/report")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     groups = {"eval": EvalConfig, "attack": AttackConfig}
     for prefix, cls in groups.items():
         for f in dataclasses.fields(cls):
@@ -45,22 +57,26 @@ def main() -> None:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             ap.add_argument(flag, dest=f"{prefix}__{f.name}", type=_flag_type(default), default=default)
     a = ap.parse_args()
+    methods = parse_runs(a.method, "--method")  # before any model loads: a bad value fails fast
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from sare_ds.dist import init_distributed
+
+        init_distributed()  # generation is spread over the ranks; rank 0 writes the report
     if a.scenes:
         from sare_ds.eval.scenes import write_scene_eval_set
 
-        if not (Path(a.scenes) / "eval_set.json").is_file():
+        if not (Path(a.scenes) / "eval_set.json").is_file() and rank_and_world()[0] == 0:
             write_scene_eval_set(a.scenes, a.scene_images, seed=1)
+        if rank_and_world()[1] > 1:
+            torch.distributed.barrier()  # the other ranks read what rank 0 wrote
         data = EvalData.from_eval_set(Path(a.scenes) / "eval_set.json")
     else:
         pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
         data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope)
     cfgs = {p: cls(**{f.name: getattr(a, f"{p}__{f.name}") for f in dataclasses.fields(cls)}) for p, cls in groups.items()}
-    methods = {}
-    for item in a.method:
-        name, _, path = item.partition("=")
-        methods[name] = None if path in ("", "base") else path
     run_attack_suite(methods, data, cfgs["attack"], eval_cfg=cfgs["eval"], out_dir=a.out, base=a.base)
-    print((Path(a.out) / "report.md").read_text())
+    if rank_and_world()[0] == 0:  # only rank 0 wrote the report
+        print((Path(a.out) / "report.md").read_text())
 
 
 if __name__ == "__main__":

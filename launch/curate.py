@@ -1,7 +1,8 @@
 """Curate EFUF training data into WebDataset shards, or calibrate thresholds from a curated run.
 
     python launch/curate.py [--config curate.yaml] input.path=<images> output.dir=runs/curated [field=value ...]
-    torchrun --nproc_per_node 2 launch/curate.py ...        # chunks spread over the ranks
+    torchrun --nproc_per_node 2 launch/curate.py ...        # chunks spread over the ranks; rank 0 writes
+                                                            # the manifest once every rank's chunks are done
     python launch/curate.py calibrate runs/curated          # propose t0/t1/t2 (needs COCO annotations)
     python launch/curate.py --fields                        # every config field with its meaning
 

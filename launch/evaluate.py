@@ -23,17 +23,10 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 import sare_ds  # noqa: F401  (torchvision guard before transformers)
+from sare_ds.eval.distributed import rank_and_world
 from sare_ds.eval.evaluate import EvalConfig, EvalData, evaluate_run, markdown_table, summary_row
 from sare_ds.eval.pope import packaged_pope_files
-
-
-def parse_runs(items: list[str]) -> dict:
-    """`name=dir`, `dir` (name = folder name) or `base` (the bare base checkpoint)."""
-    runs = {}
-    for item in items:
-        name, _, path = item.partition("=") if "=" in item else (Path(item).name, "", item)
-        runs[name] = None if path in ("", "base") else path
-    return runs
+from sare_ds.eval.runs import parse_runs
 
 
 def main() -> None:
@@ -53,6 +46,7 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=type(f.default) if not isinstance(f.default, bool) else
                         (lambda s: s.lower() in ("1", "true", "yes")), default=f.default)
     a = ap.parse_args()
+    runs = parse_runs(a.run or ["base"], "--run")  # before any model loads: a bad value fails fast
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from sare_ds.dist import init_distributed
 
@@ -61,21 +55,23 @@ def main() -> None:
         from sare_ds.eval.scenes import write_scene_eval_set
 
         eval_set = Path(a.scenes) / "eval_set.json"
-        if not eval_set.is_file():
+        if not eval_set.is_file() and rank_and_world()[0] == 0:
             write_scene_eval_set(a.scenes, a.scene_images, seed=1)
+        if rank_and_world()[1] > 1:
+            torch.distributed.barrier()  # the other ranks read what rank 0 wrote
         data = EvalData.from_eval_set(eval_set)
     else:
         pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
         data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope, a.pope_image_dir)
     cfg = EvalConfig(**{k: getattr(a, k) for k in EvalConfig.__dataclass_fields__})
-    runs = parse_runs(a.run or ["base"])
     rows = {}
     for name, run_dir in runs.items():
         result = evaluate_run(run_dir, data, cfg=cfg, base=a.base, out_dir=Path(a.out) / name, name=name)
         rows[name] = summary_row(result)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "summary.md").write_text(markdown_table(rows) + "\n")
-    print(markdown_table(rows))
+    if rank_and_world()[0] == 0:  # every rank holds the same results; one writes
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "summary.md").write_text(markdown_table(rows) + "\n")
+        print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 #   bash launch/quickstart.sh [section.field=value ...]
 #
 # 1. builds the tiny random LLaVA (cached in runs/models/tiny-llava);
-# 2. draws generated scenes as a COCO-style folder and curates them with launch/curate.py
-#    (tiny random CLIP, toy thresholds) into WebDataset shards (cached; curation resumes);
+# 2. draws generated scenes as a COCO-style folder (cached) and curates them with
+#    launch/curate.py (tiny random CLIP, toy thresholds) into WebDataset shards;
 # 3. trains SARE with `deepspeed launch/train.py` under ZeRO-3: 2 CPU ranks (gloo, fp32) on a
 #    machine without GPUs, every GPU (bf16) on one with them;
 # 4. evaluates the base and the trained model (CHAIR, POPE, BLEU, perplexity) on held-out scenes.
@@ -41,7 +41,8 @@ step "curating (launch/curate.py)"
 "$PY" launch/curate.py input.path="$DATA/scenes/images" input.annotations="$DATA/scenes/instances.json" \
   caption.source=annotations caption.captions_file="$DATA/scenes/captions.json" \
   clip.model=sare-tiny-clip clip.pretrained= clip.patch_size=24 clip.window_patches=2 \
-  split.t0=36 split.t1=32 split.t2=34 output.images_per_chunk=16 output.dir="$DATA/curated"
+  split.t0=36 split.t1=32 split.t2=34 output.images_per_chunk=16 output.dir="$DATA/curated" \
+  output.resume=false  # ~10 s: always curate afresh, so a changed curation config never meets old shards
 
 step "training SARE: deepspeed, $RANKS ranks, ZeRO-3 ($DS_CONFIG)"
 "$VENV/bin/deepspeed" --num_gpus "$RANKS" launch/train.py --config launch/configs/quickstart.yaml \

@@ -4,19 +4,20 @@
     vocab.objects("Two puppies and a hot dog on a dining table.")   # ['dog', 'hot dog', 'dining table']
     vocab.mentions("A baby bird.")   # [Mention(category='bird', word='baby bird', start=2, end=11)]
 
-Semantics follow the CHAIR reference (Rohrbach et al. 2018, `chair.py`; docs/method.md
-section 2, docs/evaluation.md):
+What counts as a mention follows CHAIR (Rohrbach et al. 2018; docs/method.md section 2,
+docs/evaluation.md). Two data files hold the rules, this module only applies them:
 
-1. Vocabulary: one line of the synonyms file per COCO category; its first entry is the
-   category, every entry (the category included) maps to it.
-2. Tokens are lower-cased words; each is singularised before matching.
-3. Two adjacent tokens that form a two-word rule become one unit: COCO's compound names
-   ("hot dog", "teddy bear", "cell phone"...), qualifiers that would otherwise fire a
-   `person` ("baby bird" -> bird, "adult cow" -> cow, "passenger jet" -> jet -> airplane,
-   "passenger train" -> train), "bow tie" -> tie, "toilet seat" -> toilet, and two phrases
-   that name no object ("home plate", "train track": a train track is not a train).
-4. If a caption contains "toilet" and "seat", "seat" is dropped (it would fire `chair`).
-5. Units in the vocabulary are mentions; each maps to its category.
+- `resources/coco_synonyms.txt`: one line per COCO category, the category first, then its
+  synonyms; every entry names that category.
+- `resources/chair_rules.json`: word pairs that are one unit besides the synonyms file's own
+  two-word entries: qualifiers ("baby"/"adult" before an animal, "passenger" before a jet or a
+  train) that would otherwise name a person, phrases with a fixed meaning ("toilet seat" is a
+  toilet, "train track" names nothing), and words dropped in context ("seat" beside a toilet).
+
+Matching: lower-cased word tokens, each singularised towards the vocabulary; two neighbouring
+tokens separated only by white space become one unit when a rule or a two-word synonym covers
+them (scanned left to right, a token joins at most one pair); units that name a category are
+the mentions.
 
 Where this differs from the reference script, on purpose (all listed in docs/evaluation.md):
 synonym entries are stripped of spaces and lower-cased (the reference kept " motor bike"
@@ -27,29 +28,12 @@ as nltk's tokenizer would also have split on the comma).
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-
-# --------------------------------------------------------------------------- CHAIR's rules
-
-# The reference's list of COCO "double words" that count as one unit. A phrase maps to itself;
-# "home plate" and "train track" are not vocabulary entries, so they are consumed and then
-# dropped: "train tracks" must not count as a train.
-COCO_DOUBLE_WORDS = (
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
-    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
-    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
-    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
-    "stove top oven", "home plate", "train track",
-)
-# "baby"/"adult" and "passenger" are person synonyms; before these nouns they are qualifiers.
-ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
-                "animal", "cub")
-VEHICLE_WORDS = ("jet", "train")
-SPECIAL_DOUBLE_WORDS = {"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"}
 
 # Irregular plurals that a suffix rule cannot undo (only those whose singular is a vocabulary word
 # or part of a two-word rule matter; others are harmless).
@@ -64,7 +48,6 @@ SUFFIX_RULES = (("men", "man"), ("ies", "y"), ("ves", "f"), ("ves", "fe"), ("es"
 # A word: letters/digits, hyphenated compounds kept whole ("t-shirt", as nltk keeps them);
 # apostrophes split ("dog's" -> "dog", "s"), as nltk splits off "'s".
 _WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
-_SPACE_ONLY = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -83,10 +66,84 @@ class SynonymFileError(ValueError):
     """The synonyms file breaks the one-category-per-line format."""
 
 
+class RuleFileError(ValueError):
+    """The two-word rule file (chair_rules.json) breaks its format."""
+
+
+@dataclass(frozen=True)
+class PairRules:
+    """CHAIR's two-word rules, read from a chair_rules.json file.
+
+    pairs: (first word, second word) -> the vocabulary word the unit stands for, or None when
+    the two words together name no object. dropped: word -> the word whose presence drops it.
+    """
+
+    pairs: dict
+    dropped: dict
+    source: str = "<rules>"
+
+    @property
+    def words(self) -> set[str]:
+        """Every single word the rules mention (singularisation must be able to reach them)."""
+        out = {w for pair in self.pairs for w in pair}
+        out |= {w for w in self.pairs.values() if w}
+        return out | set(self.dropped) | set(self.dropped.values())
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PairRules":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"rule file {path} does not exist; pass a chair_rules.json "
+                                    "(sare_ds/resources/chair_rules.json is the packaged one)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RuleFileError(f"{path}: not JSON ({e}); fix the file") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<rules>") -> "PairRules":
+        def two_words(text, where):
+            parts = str(text).lower().split()
+            if len(parts) != 2:
+                raise RuleFileError(f"{source}: {where} {text!r} is not two words; the matcher joins exactly "
+                                    "two neighbouring words, so split or drop the entry")
+            return tuple(parts)
+
+        pairs: dict = {}
+        for k, group in enumerate(data.get("qualifiers", [])):
+            if not {"words", "nouns"} <= set(group):
+                raise RuleFileError(f"{source}: qualifiers[{k}] needs `words` and `nouns` lists; add them")
+            for noun in group["nouns"]:
+                for word in group["words"]:
+                    # The qualified noun keeps its own meaning (possibly none, e.g. "animal").
+                    pairs[(word.lower(), noun.lower())] = noun.lower()
+        for phrase, target in data.get("phrases", {}).items():
+            if target is not None and not isinstance(target, str):
+                raise RuleFileError(f"{source}: phrase {phrase!r} maps to {target!r}; use a category name or null")
+            pairs[two_words(phrase, "phrase")] = target.lower() if target else None
+        dropped = {}
+        for k, rule in enumerate(data.get("dropped_words", [])):
+            if not {"word", "when_caption_has"} <= set(rule):
+                raise RuleFileError(f"{source}: dropped_words[{k}] needs `word` and `when_caption_has`; add them")
+            dropped[rule["word"].lower()] = rule["when_caption_has"].lower()
+        return cls(pairs, dropped, source)
+
+    @classmethod
+    def default(cls) -> "PairRules":
+        ref = resources.files("sare_ds") / "resources" / "chair_rules.json"
+        with resources.as_file(ref) as path:
+            return cls.from_file(path)
+
+
+# Marks "no rule joins these two words" (None already means "joined, names nothing").
+_UNJOINED = object()
+
+
 class CocoVocabulary:
     """The 80 COCO categories, their synonyms and CHAIR's two-word rules."""
 
-    def __init__(self, synonym_lines: list[list[str]], source: str = "<lines>"):
+    def __init__(self, synonym_lines: list[list[str]], source: str = "<lines>", rules: PairRules | None = None):
         self.source = source
         self.categories: list[str] = []
         self.synonym_to_category: dict[str, str] = {}
@@ -100,42 +157,36 @@ class CocoVocabulary:
                     f"{source}, line {i}: category {category!r} already has a line; merge the two lines")
             self.categories.append(category)
             for entry in entries:
-                # A later line wins, as in the reference's dictionary build.
+                # An entry listed under two categories names the later one.
                 self.synonym_to_category[entry] = category
         if not self.categories:
             raise SynonymFileError(f"{source}: no categories; give one comma-separated line per category")
 
-        self.double_words: dict[str, str] = {w: w for w in COCO_DOUBLE_WORDS}
-        # Every two-word entry of the file is a unit too (e.g. "dining table"): with the
-        # reference's list this only adds phrases whose second word already maps to the same
-        # category, so counts are unchanged; the surface text is the whole phrase.
+        self.rules = rules if rules is not None else _default_rules()
+        # Word pair -> the vocabulary word it stands for (None: nothing). Two-word synonyms
+        # ("dining table") stand for themselves; the rule file's pairs take precedence.
+        self._pairs: dict[tuple[str, str], str | None] = {}
         for entry in self.synonym_to_category:
-            if len(entry.split()) == 2:
-                self.double_words.setdefault(entry, entry)
-        for animal in ANIMAL_WORDS:
-            self.double_words[f"baby {animal}"] = animal
-            self.double_words[f"adult {animal}"] = animal
-        for vehicle in VEHICLE_WORDS:
-            self.double_words[f"passenger {vehicle}"] = vehicle
-        self.double_words.update(SPECIAL_DOUBLE_WORDS)
-
-        # Singularisation aims at these words: all single words of the vocabulary and the rules.
-        self._known_words = {w for phrase in list(self.synonym_to_category) + list(self.double_words)
-                             for w in phrase.split()}
+            parts = entry.split()
+            if len(parts) == 2:
+                self._pairs[(parts[0], parts[1])] = entry
+        self._pairs.update(self.rules.pairs)
+        # Singularisation aims at these words: every word of the vocabulary and of the rules.
+        self._known_words = {w for entry in self.synonym_to_category for w in entry.split()} | self.rules.words
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | Path) -> "CocoVocabulary":
+    def from_file(cls, path: str | Path, rules: PairRules | None = None) -> "CocoVocabulary":
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"synonyms file {path} does not exist; pass CHAIR's synonyms.txt "
                                     "(one line per category: category, synonym, ...)")
         lines = [line.split(",") for line in path.read_text(encoding="utf-8").splitlines()]
-        return cls(lines, str(path))
+        return cls(lines, str(path), rules)
 
     @classmethod
     def default(cls) -> "CocoVocabulary":
-        """The packaged CHAIR synonyms file (sare_ds/resources/coco_synonyms.txt); cached."""
+        """The packaged synonyms and rule files (sare_ds/resources/); cached."""
         return _default_vocabulary()
 
     # -- words ---------------------------------------------------------------------------
@@ -158,32 +209,49 @@ class CocoVocabulary:
         return self.synonym_to_category.get(name.strip().lower())
 
     # -- captions ------------------------------------------------------------------------
+    def _units(self, caption: str) -> list[tuple[int, int, str | None]]:
+        """(start, end, vocabulary word or None) per word or joined word pair, in caption order."""
+        tokens = [(m.start(), m.end(), self.singularize(m.group().lower())) for m in _WORD.finditer(caption)]
+        units: list[tuple[int, int, str | None]] = []
+        pending = None  # the previous token, not yet emitted, waiting to see if it pairs
+        for token in tokens:
+            if pending is not None:
+                gap = caption[pending[1]:token[0]]
+                joined = self._pairs.get((pending[2], token[2]), _UNJOINED) if gap.isspace() else _UNJOINED
+                if joined is not _UNJOINED:
+                    units.append((pending[0], token[1], joined))
+                    pending = None
+                    continue
+                units.append(pending)
+            pending = token
+        if pending is not None:
+            units.append(pending)
+        return units
+
     def mentions(self, caption: str) -> list[Mention]:
         """Every object mention in caption order (a category may appear several times)."""
-        tokens = [(m.start(), m.end(), self.singularize(m.group().lower())) for m in _WORD.finditer(caption)]
-        units: list[tuple[int, int, str]] = []
-        i = 0
-        while i < len(tokens):
-            start, end, word = tokens[i]
-            if i + 1 < len(tokens):
-                n_start, n_end, n_word = tokens[i + 1]
-                phrase = self.double_words.get(f"{word} {n_word}")
-                if phrase is not None and _SPACE_ONLY.fullmatch(caption[end:n_start]):
-                    units.append((start, n_end, phrase))
-                    i += 2
-                    continue
-            units.append((start, end, word))
-            i += 1
-        words = {u[2] for u in units}
-        if "toilet" in words and "seat" in words:
-            # The reference's rule: "the seat of the toilet" must not fire `chair`.
-            units = [u for u in units if u[2] != "seat"]
-        return [Mention(self.synonym_to_category[w], caption[s:e], s, e)
-                for s, e, w in units if w in self.synonym_to_category]
+        units = self._units(caption)
+        present = {word for _, _, word in units}
+        found = []
+        for start, end, word in units:
+            if word is None:
+                continue  # a phrase that names no object ("train track")
+            trigger = self.rules.dropped.get(word)
+            if trigger is not None and trigger in present:
+                continue  # e.g. "seat" in a caption with a toilet
+            category = self.synonym_to_category.get(word)
+            if category is not None:
+                found.append(Mention(category, caption[start:end], start, end))
+        return found
 
     def objects(self, caption: str) -> list[str]:
         """Unique categories mentioned, in order of first mention."""
         return list(dict.fromkeys(m.category for m in self.mentions(caption)))
+
+
+@lru_cache(maxsize=1)
+def _default_rules() -> PairRules:
+    return PairRules.default()
 
 
 @lru_cache(maxsize=1)

@@ -110,12 +110,14 @@ def test_split_with_injected_scores():
     assert got == [("pos", "dog", "", "A dog runs on grass"), ("neg", "cat", "A dog runs on grass,", " a cat sleeps"),
                    ("pos", "cup", "A dog runs on grass, a cat sleeps;", " two cups and a bottle")]
     assert dropped == {}  # the bottle (25) lies between t1 and t0: no sub-sentence sample
-    # A pos object sharing its fragment with a neg object is dropped (exclusive fragments) or kept.
+    # A pos object sharing its fragment with a neg object: kept by default (the method: every object
+    # above t0 is a pos sample), left out with the exclusive_fragments deviation.
     two = [obj("cup", "cups", 40), obj("bottle", "bottle", 5)]
     s1, d1 = split_caption(cap, two, 32, 23, 27.5)
-    assert [s.kind for s in s1] == ["neg"] and d1 == {"pos_fragment_names_neg_object": 1}
-    s2, _ = split_caption(cap, two, 32, 23, 27.5, exclusive_fragments=False)
-    assert [s.kind for s in s2] == ["pos", "neg"]
+    assert [s.kind for s in s1] == ["pos", "neg"] and d1 == {}
+    s2, d2 = split_caption(cap, two, 32, 23, 27.5, exclusive_fragments=True)
+    assert [s.kind for s in s2] == ["neg"] and d2 == {"pos_fragment_names_neg_object": 1}
+    assert CurationConfig().split.exclusive_fragments is False
     # sent: mean > t2 and every object > t1 (strict inequalities, as EFUF's thresholds).
     sent, _ = split_caption(cap, [obj("dog", "dog", 30), obj("cat", "cat", 26)], 32, 23, 27.5)
     assert [(s.kind, s.target, s.score) for s in sent] == [("sent", cap, 28.0)]
@@ -172,7 +174,7 @@ def test_curate_uses_vocabulary_and_writes_shards(tmp_path):
                          "motor bike": 20, "hot dog": 33, "teddy bears": 34, "couch": 34, "passenger jet": 31,
                          "cup": 40})
     cap = fake_captioner(captions)
-    manifest = curate(config(tmp_path, images), captioner=cap, scorer=scorer)
+    manifest = curate(config(tmp_path, images, **{"split.exclusive_fragments": "true"}), captioner=cap, scorer=scorer)
     asked = [o for call in scorer.calls for objs in call for o in objs]
     assert asked == ["puppies", "frisbee", "toilet seat", "baby bird", "man", "motor bike", "hot dog",
                      "teddy bears", "couch", "passenger jet", "cup"]
@@ -199,6 +201,9 @@ def test_curate_uses_vocabulary_and_writes_shards(tmp_path):
     assert manifest["config"]["split"]["t0"] == 32.0 and "torch" in manifest["versions"]
     assert (tmp_path / "out" / "scores.png").stat().st_size > 1000
     assert cap.calls == [["000", "001", "002"], ["003"]]
+    # The default (the method) keeps those three pos samples.
+    default = curate(config(tmp_path / "default", images), captioner=fake_captioner(captions), scorer=scorer)
+    assert default["counts"] == {"pos": 7, "neg": 2, "sent": 2} and default["dropped_candidates"] == {}
 
 
 def test_skipped_inputs_are_counted(tmp_path):
@@ -239,6 +244,70 @@ def test_resume_redoes_only_unfinished_chunks(tmp_path):
         curate(config(tmp_path / "b", images, **{"split.t0": 35}), captioner=cap, scorer=FakeScorer(scores))
 
 
+def test_two_ranks_write_what_one_rank_writes(tmp_path):
+    """No collective: rank 0 (a thread here) does its chunks, then waits for rank 1's records; rank 1
+    exits when its own chunks are done. Shards are byte-identical to a one-rank run."""
+    import threading
+
+    images = make_folder(tmp_path / "imgs", 11)  # 4 chunks of 3: rank 0 gets 0 and 2, rank 1 gets 1 and 3
+    captions = {f"{i:03d}": f"A dog and a cat, number {i}." for i in range(11)}
+    scores = {"dog": 40, "cat": 10}
+    one = curate(config(tmp_path / "one", images), captioner=fake_captioner(captions), scorer=FakeScorer(scores))
+    cfg = config(tmp_path / "two", images)
+    result = {}
+    rank0 = threading.Thread(target=lambda: result.update(m=curate(
+        cfg, captioner=fake_captioner(captions), scorer=FakeScorer(scores), rank=0, world_size=2, poll_s=0.05)))
+    rank0.start()
+    rank1_cap = fake_captioner(captions)
+    assert curate(cfg, captioner=rank1_cap, scorer=FakeScorer(scores), rank=1, world_size=2) is None
+    rank0.join(timeout=60)
+    assert not rank0.is_alive()
+    assert rank1_cap.calls == [["003", "004", "005"], ["009", "010"]]
+    two = result["m"]
+    assert two["counts"] == one["counts"] and two["shards"] == one["shards"]
+    for shard in one["shards"]:
+        assert (tmp_path / "two" / "out" / shard["name"]).read_bytes() == \
+            (tmp_path / "one" / "out" / shard["name"]).read_bytes()
+    # A config mismatch is raised on every rank, not only on rank 0 (the others would wait for it).
+    for rank in (1, 0):
+        with pytest.raises(ResumeMismatchError, match="split.t0"):
+            curate(config(tmp_path / "two", images, **{"split.t0": 35}), captioner=rank1_cap,
+                   scorer=FakeScorer(scores), rank=rank, world_size=2)
+
+
+def test_missing_caption_and_short_scorer_output(tmp_path):
+    scenes = write_synthetic_coco(tmp_path / "scenes", 4, 40, seed=3)
+    data = json.loads((scenes / "captions.json").read_text())
+    data["annotations"] = [a for a in data["annotations"] if str(a["image_id"]) != "2"]  # no caption for image 2
+    data["annotations"][0]["caption"] = ""  # an empty caption is another reason
+    (scenes / "captions.json").write_text(json.dumps(data))
+    cfg = config(tmp_path, scenes / "images", **{"input.annotations": scenes / "instances.json",
+                                                 "caption.source": "annotations",
+                                                 "caption.captions_file": scenes / "captions.json"})
+    manifest = curate(cfg, scorer=FakeScorer({}))
+    assert manifest["skipped"].get("no_caption_for_image") == 1 and manifest["skipped"].get("empty_caption") == 1
+
+    class ShortScorer(FakeScorer):
+        def score(self, images, objects):
+            return super().score(images, objects)[:-1]
+
+    images = make_folder(tmp_path / "imgs", 2)
+    captions = {"000": "A dog.", "001": "A cat."}
+    with pytest.raises(RuntimeError, match="scores for 1 images but was given 2"):
+        curate(config(tmp_path / "short", images), captioner=fake_captioner(captions), scorer=ShortScorer({}))
+
+
+def test_max_side_bounds_windows(tiny_scorer):
+    big = Image.new("RGB", (1600, 400), (10, 20, 30))
+    bounded = ClipScorer(tiny_scorer.encode_image, tiny_scorer.encode_text, tiny_scorer.input_size, [0.5] * 3,
+                         [0.5] * 3, patch_size=16, window_patches=2, max_side=320)
+    # 1600 x 400 -> 320 x 80 -> 20 x 5 patches -> 19 x 4 windows (unbounded: 100 x 25 patches, 2,376 windows).
+    assert bounded.windows(big)[1] == (4, 19)
+    assert CurationConfig().clip.max_side == 1344
+    with pytest.raises(ConfigError, match="clip.max_side"):
+        load_curation_config(None, ["input.path=x", "clip.max_side=100"])
+
+
 def test_shard_input_and_tiny_clip_end_to_end(tmp_path):
     import webdataset as wds
 
@@ -258,6 +327,11 @@ def test_shard_input_and_tiny_clip_end_to_end(tmp_path):
     assert manifest["counts"]["pos"] + manifest["counts"]["neg"] == 5
     samples = list(iter_samples(tmp_path / "out"))
     assert {s.image_id for s in samples} == set(captions) and all(s.image.size == (64, 48) for s in samples)
+    # input.limit counts images on shard inputs too: 3 of the 4, the second shard cut after its first.
+    cfg.input.limit, cfg.output.dir, cfg.output.images_per_chunk = 3, str(tmp_path / "limited"), 100
+    limited = curate(cfg, captioner=fake_captioner(captions))
+    assert limited["images"]["input"] == 3
+    assert {s.image_id for s in iter_samples(tmp_path / "limited")} == {"im00", "im01", "im10"}
 
 
 def test_model_captioner_with_tiny_llava(tmp_path, tiny_model_dir):

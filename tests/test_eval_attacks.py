@@ -133,3 +133,40 @@ def test_evaluate_and_attack_clis_end_to_end(tiny_model_dir, tmp_path, monkeypat
     assert "relearn n=8 CHAIR_S" in table and "| base |" in table
     for png in ("relearn_curve.png", "landscape.png"):
         assert (report / png).stat().st_size > 1000
+
+
+def test_parse_runs_names_and_paths():
+    from sare_ds.eval.runs import parse_runs
+
+    assert parse_runs(["runs/sare"]) == {"sare": "runs/sare"}            # a folder alone is that run
+    assert parse_runs(["runs/sare/", "base", "FT=runs/ft", "b=base"]) == {
+        "sare": "runs/sare/", "base": None, "FT": "runs/ft", "b": None}
+    with pytest.raises(ValueError, match="needs both a name and a folder"):
+        parse_runs(["sare="])            # e.g. an unset shell variable: not silently the base model
+    with pytest.raises(ValueError, match="given twice"):
+        parse_runs(["runs/a/sare", "runs/b/sare"])
+
+
+def test_attack_cli_method_without_name_is_that_run(tmp_path, monkeypatch):
+    import sare_ds.eval.suite as suite
+
+    seen = {}
+
+    def fake_suite(methods, data, cfg, *, eval_cfg, out_dir, base):
+        seen.update(methods)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "report.md").write_text("report")
+
+    monkeypatch.setattr(suite, "run_attack_suite", fake_suite)
+    _run_cli("launch/attack.py", ["--method", str(tmp_path / "sare"), "--method", "base",
+                                  "--scenes", str(tmp_path / "scenes"), "--scene-images", "2",
+                                  "--out", str(tmp_path / "out")], monkeypatch)
+    assert seen == {"sare": str(tmp_path / "sare"), "base": None}
+
+
+def test_probe_loss_is_the_per_sample_mean_whatever_the_batch_size(adapter):
+    samples = load_neg_samples("synthetic", 4)
+    kwargs = dict(rho=0.05, num_radii=2, num_random=1)
+    whole = sharpness_probe(adapter, samples, batch_size=8, **kwargs)["loss_neg_at_theta"]
+    uneven = sharpness_probe(adapter, samples, batch_size=3, **kwargs)["loss_neg_at_theta"]  # batches of 3 + 1
+    assert uneven == pytest.approx(whole, rel=1e-5)

@@ -70,3 +70,12 @@ def test_unknown_category_and_missing_fields_are_named(tmp_path):
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(CocoFormatError, match="no `images`"):
         CocoTruth.from_files([tmp_path / "empty.json"], [])
+
+
+def test_no_caption_with_ground_truth_is_an_error_not_a_perfect_score(truth):
+    # str ids against the annotation files' int ids: every caption would be skipped
+    with pytest.raises(ValueError, match=r"none of the 2 captions.*skipped 2.*str.*int.*int\(image_id\)"):
+        chair([{"image_id": "1", "caption": "A cat."}, {"image_id": "2", "caption": "A dog."}], truth)
+    with pytest.raises(ValueError, match="skipped 1.*in the annotation files"):
+        chair([{"image_id": 99, "caption": "A cat."}], truth)
+    assert chair([], truth)["num_captions"] == 0  # nothing to score is not a mismatch

@@ -26,6 +26,17 @@ def test_shard_indices_cover_every_item_once():
         distributed_map(lambda xs: xs[:1], [1, 2])
 
 
+def test_padded_batch_plan_gives_every_rank_the_same_number_of_forwards():
+    from sare_ds.models.generate import padded_batch_plan
+
+    assert padded_batch_plan(3, 3) == [(0, True), (1, True), (2, True)]
+    assert padded_batch_plan(1, 3) == [(0, True), (0, False), (0, False)]   # repeats its last batch, drops it
+    assert padded_batch_plan(0, 2) == [(None, False), (None, False)]        # nothing of its own: placeholder
+    assert padded_batch_plan(0, 0) == []
+    with pytest.raises(ValueError, match="maximum over ranks"):
+        padded_batch_plan(2, 1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,7 +63,23 @@ def _worker(rank: int, world: int, port: int, model_dir: str, results):
         mine = images if rank == 0 else images[:1]
         synced = generate_responses(adapter, mine, "Describe.", max_new_tokens=5, batch_size=1, synced_gpus=True)
         plain = generate_responses(adapter, mine, "Describe.", max_new_tokens=5, batch_size=1)
-        results[rank] = {"out": out, "seen": seen, "synced": synced, "plain": plain}
+
+        # Perplexity under synced_gpus: texts that fail to tokenise (empty) must not cost a rank
+        # its forwards. Rank 0: 3 scorable texts; rank 1: 1 of 2, then none at all.
+        from sare_ds.eval.quality import token_nll_sums
+
+        forwards = []
+        hook = adapter.model.register_forward_hook(lambda *_: forwards.append(1))
+        texts = ["A red box.", "A green box.", "A blue box."] if rank == 0 else ["", "A red box."]
+        nll_synced = token_nll_sums(adapter, images[:len(texts)], "Describe.", texts, batch_size=1, synced_gpus=True)
+        first_count = len(forwards)
+        texts_none = ["A red box."] if rank == 0 else [""]
+        nll_none = token_nll_sums(adapter, images[:1], "Describe.", texts_none, batch_size=1, synced_gpus=True)
+        hook.remove()
+        nll_plain = token_nll_sums(adapter, images[:len(texts)], "Describe.", texts, batch_size=1)
+        results[rank] = {"out": out, "seen": seen, "synced": synced, "plain": plain,
+                         "forwards": (first_count, len(forwards) - first_count),
+                         "nll_synced": nll_synced, "nll_plain": nll_plain, "nll_none": nll_none}
     finally:
         torch.distributed.destroy_process_group()
 
@@ -75,3 +102,11 @@ def test_two_ranks_shard_gather_and_synced_generation(tiny_model_dir):
     for rank in range(2):
         assert len(results[rank]["synced"]) == (3 if rank == 0 else 1)
         assert results[rank]["synced"] == results[rank]["plain"]
+    # Both ranks forward equally often (3, then 1), whatever tokenised; padded results are dropped.
+    assert results[0]["forwards"] == results[1]["forwards"] == (3, 1)
+    for rank in range(2):
+        synced, plain = results[rank]["nll_synced"], results[rank]["nll_plain"]
+        assert [n for _, n in synced] == [n for _, n in plain]
+        assert [s for s, _ in synced] == pytest.approx([s for s, _ in plain])
+    assert results[1]["nll_synced"][0] == (0.0, 0) and results[1]["nll_synced"][1][1] > 0
+    assert results[1]["nll_none"] == [(0.0, 0)] and results[0]["nll_none"][0][1] > 0

@@ -19,6 +19,9 @@ from sare_ds.eval.pope import (PopeFormatError, load_questions, mean_over_splits
     ("Not sure.", "yes"),                            # the reference is case-sensitive: "Not" is not in its list
     ("NO", "yes"),
     ("No! There is none", "yes"),                    # only "." ends the first sentence: the word is "No!"
+    ("no; there is none", "yes"),                    # the same reference quirk: the word is "no;"
+    ("There is not a dog", "no"),
+    ("Yes,no", "yes"),                               # commas are deleted, not split at: one word "Yesno"
     ("There is a dog. There is no cat.", "yes"),     # only the first sentence counts
     ("No, ", "no"),                                  # commas are deleted before splitting
     ("", "yes"),

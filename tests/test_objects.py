@@ -4,7 +4,9 @@
 """
 import pytest
 
-from sare_ds.objects import CocoVocabulary, Mention, SynonymFileError
+import json
+
+from sare_ds.objects import CocoVocabulary, Mention, PairRules, RuleFileError, SynonymFileError
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,8 @@ def test_mentions_have_category_surface_and_span(vocab):
 @pytest.mark.parametrize("caption, expected", [
     # two-word rules: qualifiers before animals / vehicles are not persons
     ("A baby bird and an adult elephant.", ["bird", "elephant"]),
+    ("Baby birds, a baby cub and a baby animal.", ["bird"]),          # qualifier consumed, no person
+    ("A baby in a crib.", ["person"]),
     ("A passenger jet over a passenger train.", ["airplane", "train"]),
     ("A jet.", ["airplane"]),
     ("A man in a bow tie.", ["person", "tie"]),
@@ -41,6 +45,7 @@ def test_mentions_have_category_surface_and_span(vocab):
     ("A seat by the window.", ["chair"]),
     # phrases that name no object consume their words: train tracks are not a train
     ("Train tracks near home plate.", []),
+    ("A train on the tracks.", ["train"]),
     # compound names and their singular forms
     ("Teddy bears, cell phones, stop signs and wine glasses.", ["teddy bear", "cell phone", "stop sign", "wine glass"]),
     ("A fire hydrant, a tennis racket and a hair drier.", ["fire hydrant", "tennis racket", "hair drier"]),
@@ -59,7 +64,7 @@ def test_objects_follow_chair_rules(vocab, caption, expected):
 
 def test_repeated_mentions_are_all_listed(vocab):
     got = vocab.mentions("A dog chases another dog past the stove top oven.")
-    # the reference matches pairs only: "stove top oven" counts as stove (oven) + oven
+    # only word pairs join: the synonyms file's three-word "stove top oven" counts as stove (oven) + oven
     assert [m.category for m in got] == ["dog", "dog", "oven", "oven"]
     assert vocab.objects("A dog chases another dog.") == ["dog"]
 
@@ -80,3 +85,36 @@ def test_custom_file_and_bad_file(tmp_path):
         CocoVocabulary.from_file(path)
     with pytest.raises(FileNotFoundError, match="synonyms file"):
         CocoVocabulary.from_file(tmp_path / "missing.txt")
+
+
+def test_rule_file_is_attributed_and_holds_only_rules_that_can_apply(vocab):
+    from importlib import resources
+
+    data = json.loads((resources.files("sare_ds") / "resources" / "chair_rules.json").read_text())
+    assert "Rohrbach" in " ".join(data["about"]) and "CHAIR" in " ".join(data["about"])
+    rules = PairRules.from_dict(data)
+    for (first, second), target in rules.pairs.items():
+        # both words are reachable by singularisation, and the pair is not just a synonym entry
+        assert vocab.singularize(first) == first and vocab.singularize(second) == second
+        assert f"{first} {second}" not in vocab.synonym_to_category, (first, second)
+        # joining changes a count only if one of the words names a category on its own
+        assert vocab.category_of(first) or vocab.category_of(second), (first, second)
+        assert target is None or target in (first, second) or vocab.category_of(target), target
+    assert rules.pairs[("passenger", "jet")] == "jet" and vocab.category_of("jet") == "airplane"
+    assert rules.dropped == {"seat": "toilet"}
+
+
+def test_custom_rule_file_and_bad_rule_file(tmp_path):
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps({"phrases": {"hot dog": None}, "qualifiers": [{"words": ["toy"], "nouns": ["dog"]}]}))
+    vocab = CocoVocabulary([["dog", "puppy"], ["person", "toy"]], rules=PairRules.from_file(path))
+    assert vocab.objects("A hot dog and a toy dog.") == ["dog"]
+    assert [m.word for m in vocab.mentions("A hot dog and a toy dog.")] == ["toy dog"]
+    path.write_text(json.dumps({"phrases": {"stove top oven": "oven"}}))
+    with pytest.raises(RuleFileError, match="not two words"):
+        PairRules.from_file(path)
+    path.write_text("{not json")
+    with pytest.raises(RuleFileError, match="not JSON"):
+        PairRules.from_file(path)
+    with pytest.raises(FileNotFoundError, match="rule file"):
+        PairRules.from_file(tmp_path / "missing.json")

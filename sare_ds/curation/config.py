@@ -42,7 +42,8 @@ class InputConfig:
     """COCO instances JSON (`images` with `id`/`file_name`, `annotations` with `category_id`,
     `categories`); gives image ids and the present/absent labels used by calibration."""
     limit: int = 0
-    """Curate at most this many images (0: all); the first N in the input's order."""
+    """Curate at most this many images (0: all): the first N in the input's order, for every input
+    format (shard inputs: the shards are counted in order and the last one used is cut)."""
     allow_remote: bool = False
     """Allow `pipe:` and URL (http://, s3://...) shard inputs; off so a typo cannot run a command."""
 
@@ -96,6 +97,10 @@ class ClipConfig:
     """Image crops per CLIP forward (windows of several images are batched together)."""
     device: str = "auto"
     """`auto` (this rank's GPU if there is one, else CPU), `cpu` or `cuda:N`."""
+    max_side: int = 1344
+    """Local mode: an image whose longer side exceeds this many px is first scaled down to it (aspect
+    kept), which bounds the windows per image and so the memory of scoring it (1344 px = 28 patches of
+    48: at most 25 x 25 = 625 windows). 0: no bound (a 4000 px photo would make ~6,500 windows)."""
 
 
 @dataclass
@@ -106,9 +111,11 @@ class SplitConfig:
     """Hallucination threshold: objects scoring below it give neg samples."""
     t2: float = 27.5
     """A whole caption is a sent sample if its mean object score is above t2 and every object above t1."""
-    exclusive_fragments: bool = True
-    """A fragment that names a hallucinated (neg) object never becomes a pos target as well, so the same
-    tokens are not both ascended and descended (such pos samples are counted as skipped)."""
+    exclusive_fragments: bool = False
+    """Off (the method, docs/method.md section 2): every object scoring above t0 gives a pos sample, even
+    when its fragment also names a hallucinated (neg) object. On (a deviation from EFUF): such a fragment
+    is not also a pos target, so the same tokens are not both ascended and descended; the pos samples
+    left out are counted under `dropped_candidates` (pos_fragment_names_neg_object)."""
 
 
 @dataclass
@@ -117,7 +124,7 @@ class OutputConfig:
     """Output directory: shards `{kind}-{index:06d}.tar`, manifest.json, scores.png, progress in .chunks/."""
     images_per_chunk: int = 1000
     """Images per unit of work; each chunk writes one shard per kind, so this sets the shard size and
-    the work an interruption can lose. The stream needs at least ranks x workers shards per kind."""
+    the work an interruption can lose (the stream deals samples, not whole shards, to its slots)."""
     image_format: str = "png"
     """Encoding of the image member: `png` (lossless) or `jpg`; source bytes already in that format are
     copied unchanged."""
@@ -201,6 +208,9 @@ def validate_curation(cfg: CurationConfig) -> None:
     _require(k.object_text in OBJECT_TEXTS, "clip.object_text", k.object_text, f"must be one of {OBJECT_TEXTS}",
              "use word")
     _require(k.batch_size > 0, "clip.batch_size", k.batch_size, "must be > 0", "use 256")
+    _require(k.max_side == 0 or k.max_side >= k.patch_size * k.window_patches, "clip.max_side", k.max_side,
+             f"must be 0 or at least one window (clip.patch_size x clip.window_patches = "
+             f"{k.patch_size * k.window_patches} px)", "use 1344 (28 patches of 48 px), or 0 for no bound")
     _require(s.t1 <= s.t0, "split.t1", s.t1, f"must not exceed split.t0 = {s.t0}",
              "lower split.t1 or raise split.t0 (EFUF: 23 < 32)")
     _require(s.t1 <= s.t2, "split.t2", s.t2, f"must be >= split.t1 = {s.t1}", "EFUF: t2 = 27.5")

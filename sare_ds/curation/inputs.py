@@ -123,8 +123,16 @@ def coco_source(path: Path, annotations: Path, per_chunk: int, limit: int, vocab
     return Source(f"COCO layout {path} + {annotations.name} ({len(items)} images)", _chunked(items, per_chunk))
 
 
-def shards_source(spec: str, per_chunk: int, limit: int, allow_remote: bool) -> Source:
-    """One chunk per input shard (its members are only known by reading it)."""
+def _count_samples(url: str) -> int:
+    import webdataset as wds
+
+    return sum(1 for _ in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()))
+
+
+def shards_source(spec: str, per_chunk: int, limit: int, allow_remote: bool) -> Source:  # noqa: ARG001
+    """One chunk per input shard (its members are only known by reading it). With a limit, the shards
+    are counted first, in order, until the limit is reached, so every rank knows how many images each
+    of its chunks takes; the chunk of the shard where the limit falls takes only the rest."""
     from braceexpand import braceexpand
 
     if is_remote(spec):
@@ -139,12 +147,26 @@ def shards_source(spec: str, per_chunk: int, limit: int, allow_remote: bool) -> 
     if not urls:
         raise FileNotFoundError(f"input.path = {spec!r} names no .tar shards; fix the path or pattern")
 
+    take: dict[str, int] = {}  # url -> images its chunk takes (limit only)
+    if limit:
+        left, kept = limit, []
+        for url in urls:
+            if left == 0:
+                break
+            take[url] = min(left, _count_samples(url))
+            left -= take[url]
+            kept.append(url)
+        urls = kept
+
     def expand(url: str) -> Iterator[Item]:
+        import itertools
+
         import webdataset as wds
 
         # Stages: open the shard, group members by key; errors propagate (a corrupt input shard
         # is the user's data: the run stops and names it rather than silently dropping a shard).
-        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+        samples = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+        for sample in itertools.islice(iter(samples), take.get(url)):
             ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
             key = sample["__key__"]
             if ext is None:
@@ -152,9 +174,8 @@ def shards_source(spec: str, per_chunk: int, limit: int, allow_remote: bool) -> 
             else:
                 yield Item(key, (lambda b=sample[ext]: b))
 
-    if limit:
-        urls = urls[:max(1, -(-limit // per_chunk))]  # whole shards; limit is approximate here
-    return Source(f"shards {spec} ({len(urls)} shards)", urls, expand)
+    images = f", first {sum(take.values())} images" if limit else ""
+    return Source(f"shards {spec} ({len(urls)} shards{images})", urls, expand)
 
 
 def _raise_missing(url: str, key: str) -> Callable[[], bytes]:

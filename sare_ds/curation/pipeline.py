@@ -10,6 +10,14 @@ when complete, then its record `.chunks/chunk-c.json` (counts, skipped inputs by
 scores) last: that record is the chunk's "done" mark, so an interrupted run redoes only the
 chunks without one. Rank 0 writes manifest.json and scores.png when all chunks are done.
 
+Ranks share no long-lived collective: ranks own unequal numbers of chunks (c % world), and a
+barrier at the end would time out on the idle ranks while a 7B model still captions. Every rank
+checks that the output directory can be resumed with its config (so a mismatch is raised on
+every rank, not on rank 0 alone while the others wait), does its chunks and exits; rank 0 then
+polls `.chunks/` until every chunk's record is there and writes the manifest. Only starting
+over (output.resume=false) on several ranks needs one short barrier, so no rank writes before
+rank 0 has deleted the old run.
+
 The captioner and the scorer are injectable (tests use fake captions and stub encoders):
 captioner(images, prompt, image_ids) -> captions; scorer.score(images, objects per image) -> scores.
 """
@@ -30,12 +38,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from sare_ds.eval.distributed import rank_and_world as process_group_rank_and_world
+
 from sare_ds.curation.calibrate import plot_scores
 from sare_ds.curation.config import CurationConfig, save_curation_config
 from sare_ds.curation.inputs import LoadedImage, load_item, open_source
 from sare_ds.curation.split import ObjectScore, first_mentions, split_caption
 from sare_ds.data.samples import KINDS
-from sare_ds.data.shards import MANIFEST, ShardWriter, make_record, shard_name
+from sare_ds.data.shards import MANIFEST, SHARD_RE, ShardWriter, make_record, shard_name
 
 log = logging.getLogger("sare_ds.curation")
 
@@ -45,7 +55,8 @@ FORMAT = "sare_ds curated shards v1"
 NON_SEMANTIC = {("output", "resume"), ("clip", "device"), ("clip", "batch_size"), ("caption", "batch_size"),
                 ("output", "histogram_bins")}
 
-Captioner = Callable[[list, str, list[str]], list[str]]
+# captioner(images, prompt, image ids) -> one caption per image; None: no caption exists for it.
+Captioner = Callable[[list, str, list[str]], list]
 
 
 class ResumeMismatchError(ValueError):
@@ -54,19 +65,40 @@ class ResumeMismatchError(ValueError):
 
 # --------------------------------------------------------------------------- helpers
 
+# Seconds the start-over barrier (output.resume=false on several ranks) waits for rank 0 to delete
+# the old run: deleting files takes seconds; a longer wait means rank 0 failed (see its log).
+START_BARRIER_S = 600
+# Seconds between two progress lines of rank 0 while it waits for other ranks' chunks.
+WAIT_LOG_S = 60.0
+
+
 def rank_and_world() -> tuple[int, int]:
+    """This process's (rank, world size): the process group's when one is initialised (eval's helper),
+    else the launcher's RANK / WORLD_SIZE. Curation starts no process group of its own, so under
+    torchrun or deepspeed the environment is where the ranks are found (eval's helper alone would
+    answer (0, 1) on every rank, and every rank would redo every chunk)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return process_group_rank_and_world()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        if not torch.distributed.is_initialized():
-            # Launched by torchrun / deepspeed: the env holds the rendezvous. Only a barrier is needed,
-            # so gloo (CPU) is enough whatever the devices.
-            torch.distributed.init_process_group("gloo")
+def _start_over_barrier(world: int) -> None:
+    """One short gloo barrier (then the group is destroyed): other ranks must not write chunks before
+    rank 0 has deleted the previous run (output.resume=false). gloo: only the barrier, on CPU."""
+    import datetime
+
+    started_here = not torch.distributed.is_initialized()
+    if started_here:
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=START_BARRIER_S))
+    try:
         torch.distributed.barrier()
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"output.resume=false: rank 0 did not finish deleting the previous run within {START_BARRIER_S} s "
+            f"({e}); it most likely failed: its log names the error. Fix that and run the same command again") from e
+    finally:
+        if started_here:
+            torch.distributed.destroy_process_group()
 
 
 def package_versions() -> dict[str, str]:
@@ -128,11 +160,12 @@ def model_captioner(cfg: CurationConfig, device=None) -> Captioner:
 
 
 def annotations_captioner(path: str | Path) -> Captioner:
-    """Captions looked up by image id in a COCO captions JSON (missing ids give empty captions)."""
+    """Captions looked up by image id in a COCO captions JSON (an id it lacks gives None, counted as
+    skipped `no_caption_for_image`; an empty caption in the file stays `empty_caption`)."""
     table = annotation_captions(path)
 
-    def caption(images: list, prompt: str, image_ids: list[str]) -> list[str]:  # noqa: ARG001
-        return [table.get(i, "") for i in image_ids]
+    def caption(images: list, prompt: str, image_ids: list[str]) -> list[str | None]:  # noqa: ARG001
+        return [table.get(i) for i in image_ids]
 
     return caption
 
@@ -187,7 +220,7 @@ class ChunkCurator:
             for w in writers.values():
                 w.abort()
             raise
-        _write_json_atomic(self.out_dir / CHUNKS / f"chunk-{index:06d}.json", rec)
+        _write_json_atomic(chunk_record_path(self.out_dir, index), rec)
         return rec
 
     @staticmethod
@@ -202,7 +235,10 @@ class ChunkCurator:
             raise RuntimeError(f"captioner returned {len(captions)} captions for {len(batch)} images")
         keep = []
         for (item, img), caption in zip(batch, captions):
-            caption = (caption or "").strip()
+            if caption is None:  # the captions file has no entry for this image (not an empty answer)
+                self._skip(rec, "no_caption_for_image")
+                continue
+            caption = caption.strip()
             if not caption:
                 self._skip(rec, "empty_caption")
                 continue
@@ -215,8 +251,15 @@ class ChunkCurator:
             return
         text = (lambda m: m.word.lower()) if cfg.clip.object_text == "word" else (lambda m: m.category)
         scores = self.scorer.score([img.image for _, img, _, _ in keep], [[text(m) for m in ms] for *_, ms in keep])
+        # zip would silently drop images (or objects) a faulty scorer left out: check, as for captions.
+        if len(scores) != len(keep):
+            raise RuntimeError(f"scorer returned scores for {len(scores)} images but was given {len(keep)}; "
+                               "it must return one list per image (ClipScorer.score does)")
         s = cfg.split
         for (item, img, caption, mentions), obj_scores in zip(keep, scores):
+            if len(obj_scores) != len(mentions):
+                raise RuntimeError(f"scorer returned {len(obj_scores)} scores for the {len(mentions)} objects of "
+                                   f"image {item.image_id!r}; it must return one score per object, in order")
             objects = [ObjectScore(m.category, text(m), m.start, m.end, float(v)) for m, v in zip(mentions, obj_scores)]
             for o in objects:
                 label = None if item.present is None else (o.category in item.present)
@@ -241,29 +284,76 @@ class ChunkCurator:
 
 # --------------------------------------------------------------------------- the run
 
-def prepare_output(cfg: CurationConfig, out_dir: Path) -> None:
-    """Rank 0: start over or check the resumed run's config; remove half-written files."""
+def chunk_record_path(out_dir: Path, chunk: int) -> Path:
+    return out_dir / CHUNKS / f"chunk-{chunk:06d}.json"
+
+
+def check_resume(cfg: CurationConfig, out_dir: Path) -> None:
+    """Every rank, before it writes anything: refuse to resume a run made with another config.
+    Read-only, so each rank raises the same error itself instead of waiting for rank 0."""
+    saved = out_dir / CHUNKS / "config.json"
+    if not cfg.output.resume or not saved.is_file():
+        return
+    previous, current = json.loads(saved.read_text()), semantic_config(cfg)
+    if previous != current:
+        diff = sorted(f"{s}.{k}" for s in current for k in current[s]
+                      if previous.get(s, {}).get(k) != current[s][k])
+        raise ResumeMismatchError(
+            f"output.dir = {str(out_dir)!r} holds a curation run with a different config (differs in "
+            f"{', '.join(diff) or 'layout'}); resuming would mix samples of two configs. Fix: choose a new "
+            "output.dir, or set output.resume=false to start over there")
+
+
+def _tmp_chunk(path: Path) -> int | None:
+    """The chunk a half-written file belongs to (`neg-000003.tar.tmp`, `chunk-000003.json.tmp`)."""
+    name = path.name[:-len(".tmp")]
+    m = SHARD_RE.match(name)
+    if m:
+        return int(m.group(2))
+    if name.startswith("chunk-") and name.endswith(".json") and name[6:-5].isdigit():
+        return int(name[6:-5])
+    return None
+
+
+def prepare_output(cfg: CurationConfig, out_dir: Path, rank: int = 0, world: int = 1) -> None:
+    """Start over (rank 0, output.resume=false) and remove the half-written files an interrupted run
+    left: each rank those of its own chunks (another rank may be writing its own right now), rank 0
+    also the rest. Rank 0 saves the config that later resumes are checked against."""
     chunks = out_dir / CHUNKS
-    saved = chunks / "config.json"
-    if not cfg.output.resume and out_dir.exists():
+    if rank == 0 and not cfg.output.resume and out_dir.exists():
         for p in list(out_dir.glob("*.tar")) + list(out_dir.glob("*.tmp")) + [out_dir / MANIFEST]:
             p.unlink(missing_ok=True)
         shutil.rmtree(chunks, ignore_errors=True)
     chunks.mkdir(parents=True, exist_ok=True)
-    current = semantic_config(cfg)
-    if saved.is_file():
-        previous = json.loads(saved.read_text())
-        if previous != current:
-            diff = sorted(f"{s}.{k}" for s in current for k in current[s]
-                          if previous.get(s, {}).get(k) != current[s][k])
-            raise ResumeMismatchError(
-                f"output.dir = {str(out_dir)!r} holds a curation run with a different config (differs in "
-                f"{', '.join(diff) or 'layout'}); resuming would mix samples of two configs. Fix: choose a new "
-                "output.dir, or set output.resume=false to start over there")
     for p in list(out_dir.glob("*.tmp")) + list(chunks.glob("*.tmp")):
-        p.unlink()  # left by an interrupted writer; its chunk has no record and is redone
-    _write_json_atomic(saved, current)
-    save_curation_config(cfg, out_dir / "curation_config.yaml")
+        c = _tmp_chunk(p)
+        if (c is not None and c % world == rank) or (c is None and rank == 0):
+            # Left by an interrupted writer; its chunk has no record and is redone.
+            p.unlink(missing_ok=True)
+    if rank == 0:
+        _write_json_atomic(chunks / "config.json", semantic_config(cfg))
+        save_curation_config(cfg, out_dir / "curation_config.yaml")
+
+
+def wait_for_chunks(out_dir: Path, num_chunks: int, world: int, poll_s: float) -> None:
+    """Rank 0, its own chunks done: wait until every chunk record is there (other ranks may have more
+    chunks, or slower ones). A rank that fails ends the job through the launcher (torchrun and the
+    deepspeed launcher stop every rank), so this wait does not outlive a failed run."""
+    last_log = 0.0
+    while True:
+        missing = [c for c in range(num_chunks) if not chunk_record_path(out_dir, c).is_file()]
+        if not missing:
+            return
+        if any(c % world == 0 for c in missing):
+            raise RuntimeError(f"{out_dir}: rank 0 finished but its chunks {[c for c in missing if c % world == 0][:10]} "
+                               "have no record; fix: run the same command again (finished chunks are kept)")
+        if time.monotonic() - last_log >= WAIT_LOG_S:
+            ranks = sorted({c % world for c in missing})
+            log.info("rank 0: own chunks done; waiting for %d chunk record(s) of rank(s) %s (chunks %s%s) "
+                     "before writing manifest.json (polling every %.0f s)", len(missing), ranks, missing[:10],
+                     " ..." if len(missing) > 10 else "", poll_s)
+            last_log = time.monotonic()
+        time.sleep(poll_s)
 
 
 def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_desc: str) -> dict:
@@ -310,9 +400,11 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
 
 
 def curate(cfg: CurationConfig, *, captioner: Captioner | None = None, scorer=None, vocabulary=None,
-           rank: int | None = None, world_size: int | None = None, max_chunks: int | None = None) -> dict | None:
-    """Run (or resume) curation; returns the manifest on rank 0 (None on other ranks).
-    `max_chunks` stops after that many chunks of this rank without finalising (tests of resume)."""
+           rank: int | None = None, world_size: int | None = None, max_chunks: int | None = None,
+           poll_s: float = 10.0) -> dict | None:
+    """Run (or resume) curation; returns the manifest on rank 0 (None on other ranks, which return as
+    soon as their own chunks are done). `max_chunks` stops after that many chunks of this rank without
+    finalising (tests of resume); `poll_s`: how often rank 0 looks for other ranks' chunk records."""
     from sare_ds.objects import CocoVocabulary
 
     r_env, w_env = rank_and_world()
@@ -322,13 +414,19 @@ def curate(cfg: CurationConfig, *, captioner: Captioner | None = None, scorer=No
     vocabulary = vocabulary or CocoVocabulary.default()
     source = open_source(cfg.input, cfg.output.images_per_chunk, vocabulary)
     chunks = source.chunks()
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prepare_output(cfg, out_dir)
-    _barrier(world)
+    check_resume(cfg, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1 and not cfg.output.resume:
+        if rank == 0:
+            prepare_output(cfg, out_dir, rank, world)
+        _start_over_barrier(world)
+        if rank != 0:
+            prepare_output(cfg, out_dir, rank, world)
+    else:
+        prepare_output(cfg, out_dir, rank, world)
 
     mine = [c for c in range(len(chunks)) if c % world == rank]
-    todo = [c for c in mine if not (out_dir / CHUNKS / f"chunk-{c:06d}.json").is_file()]
+    todo = [c for c in mine if not chunk_record_path(out_dir, c).is_file()]
     log.info("rank %d: %s; %d of its %d chunks to do (%d already done)", rank, source.description, len(todo),
              len(mine), len(mine) - len(todo))
     if todo:
@@ -347,8 +445,10 @@ def curate(cfg: CurationConfig, *, captioner: Captioner | None = None, scorer=No
             if max_chunks is not None and n >= max_chunks:
                 return None
             curator.run(c, source.items(chunks[c]))
-    _barrier(world)
     if rank != 0:
+        log.info("rank %d: its %d chunks are done; rank 0 writes the manifest when every rank's are", rank, len(mine))
         return None
+    if world > 1:
+        wait_for_chunks(out_dir, len(chunks), world, poll_s)
     return write_manifest(cfg, out_dir, len(chunks), source.description)
 

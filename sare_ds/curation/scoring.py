@@ -1,6 +1,8 @@
 """CLIP object scores on the 100 x cosine scale: EFUF's sliding-window local score and a global mode.
 
-Local score (EFUF): the image is resized so a grid of `patch` px patches fits it exactly
+Local score (EFUF): an image whose longer side exceeds `max_side` px is first scaled down to it
+(bounding its windows, hence memory: 1344 px -> at most 25 x 25 windows of 4 x 4 patches of 48 px);
+then the image is resized so a grid of `patch` px patches fits it exactly
 (each side rounded to the nearest whole number of patches, at least one window; so no pixel
 is dropped and the aspect ratio changes by at most half a patch per side); windows of
 `window x window` patches slide with a stride of one patch; every window is resized to the
@@ -71,7 +73,8 @@ class ClipScorer:
     def __init__(self, encode_image: Callable[[torch.Tensor], torch.Tensor],
                  encode_text: Callable[[list[str]], torch.Tensor], input_size: int, mean, std, *,
                  mode: str = "local", patch_size: int = 48, window_patches: int = 4, top_k: int = 4,
-                 prompt: str = "A photo containing {obj}.", batch_size: int = 256, device="cpu"):
+                 prompt: str = "A photo containing {obj}.", batch_size: int = 256, device="cpu",
+                 max_side: int = 0):
         self.encode_image, self.encode_text = encode_image, encode_text
         self.input_size = int(input_size)
         self.device = torch.device(device)
@@ -79,6 +82,7 @@ class ClipScorer:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.mode, self.patch, self.window, self.top_k = mode, patch_size, window_patches, top_k
         self.prompt, self.batch_size = prompt, batch_size
+        self.max_side = max_side  # 0: no bound
         self._text_cache: dict[str, torch.Tensor] = {}
         self.images_encoded = 0  # crops through the image tower (for the benchmark)
 
@@ -106,7 +110,7 @@ class ClipScorer:
 
         return cls(model.encode_image, encode_text, size, mean, std, mode=clip_cfg.mode,
                    patch_size=clip_cfg.patch_size, window_patches=clip_cfg.window_patches, top_k=clip_cfg.top_k,
-                   prompt=clip_cfg.prompt, batch_size=clip_cfg.batch_size, device=device)
+                   prompt=clip_cfg.prompt, batch_size=clip_cfg.batch_size, device=device, max_side=clip_cfg.max_side)
 
     # -- embeddings ----------------------------------------------------------------------
     @torch.no_grad()
@@ -136,7 +140,12 @@ class ClipScorer:
 
     def windows(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """All windows of one image as [n_windows, 3, S, S] (row-major) and the (rows, cols) of windows."""
-        cols, rows = window_grid(image.width, image.height, self.patch, self.window)
+        width, height = image.width, image.height
+        if self.max_side and max(width, height) > self.max_side:
+            # Windows grow with the square of the side: bound it, or one large photo can exhaust memory.
+            scale = self.max_side / max(width, height)
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        cols, rows = window_grid(width, height, self.patch, self.window)
         resized = image.convert("RGB").resize((cols * self.patch, rows * self.patch), Image.BICUBIC)
         t = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
         side = self.window * self.patch

@@ -58,8 +58,9 @@ def first_mentions(mentions) -> list:
 
 
 def split_caption(caption: str, objects: list[ObjectScore], t0: float, t1: float, t2: float,
-                  exclusive_fragments: bool = True) -> tuple[list[CuratedSample], dict[str, int]]:
-    """Samples of one caption, and the number of dropped candidates by reason."""
+                  exclusive_fragments: bool = False) -> tuple[list[CuratedSample], dict[str, int]]:
+    """Samples of one caption, and the number of dropped candidates by reason. `exclusive_fragments`
+    (split.exclusive_fragments; off = the method) leaves out pos samples whose fragment is a neg target."""
     samples: list[CuratedSample] = []
     dropped: dict[str, int] = {}
     spans = {}

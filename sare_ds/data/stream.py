@@ -13,26 +13,37 @@ unlearned; pos, then sent, when no neg is drawn); the other kinds cycle, reshuff
 The pipeline, per kind and per data-loader worker, as visible stages:
 
   1. shard list        the kind's shards (directory manifest, brace pattern or list)
-  2. split by node     shards dealt to ranks, largest first to the least-loaded rank
-  3. split by worker   the rank's shards dealt to its workers the same way
-  4. shuffle           shard order per pass, then a seeded shuffle buffer over samples
+  2. split by node     the kind's samples, in shard order, cut into ranks x workers contiguous runs
+  3. split by worker   of sizes differing by at most one (slot = rank x workers + worker); a run is
+                       a list of pieces (shard, first sample, end sample)
+  4. shuffle           piece order per pass, then a seeded shuffle buffer over samples
   5. skip              resume: samples of steps before start_step are passed over undecoded
   6. decode            image + JSON record -> Sample (corrupt members raise, or are counted)
   7. tokenise          chat template + labels on the target span (data.tokenize)
   8. batch             per_step[kind] samples per micro-batch, grad_accum_steps per step
 
-Sharing: every shard belongs to one (rank, worker) slot, so the ranks' samples are disjoint
-and together cover the data. Ranks must stay in lockstep, so every slot yields the same
-number of steps per epoch: m = min over slots of (its neg samples // neg per step), and a
-rank has S = m x workers steps an epoch; a slot's surplus (< its share minus m steps; listed in
-`dropped_per_epoch`) is not seen that epoch. Workers' steps interleave round-robin, which is
-the order torch's DataLoader returns them in, so step p of a rank is step p // W of the worker
-role p % W (on resume, DataLoader worker i plays role (i + start_step) % W): that is how `start_step`
-resumes exactly (without corrupt members being skipped).
+Sharing: every sample belongs to one (rank, worker) slot, so the ranks' samples are disjoint
+and together cover the data. Samples, not whole shards, are dealt: shards are as large as a
+curation chunk made them (the last chunk is often small), and dealing whole shards left some
+slots with a fraction of the others' data. At most slots - 1 shards are cut between two slots;
+the slot holding the tail of a cut shard reads (without decoding) past its head each pass.
+Ranks must stay in lockstep, so every slot yields the same number of steps per epoch:
+m = floor(driver samples / (slots x driver samples per step)), and a rank has S = m x workers
+steps an epoch. Each slot then has at least m steps' worth of samples; what the rounding leaves
+over (< slots x samples per step, listed in `dropped_per_epoch`) is not seen that epoch, and
+a different few each epoch since every pass is reshuffled. A slot whose share falls short (only
+possible when corrupt members are skipped) tops up from a reshuffled repeat of its own samples,
+so a few samples repeat instead of steps being lost (`repeated_per_epoch` counts the planned
+repeats, `skipped["topped_up"]` the ones made). More than 5 % dropped or repeated logs a warning.
+Workers' steps interleave round-robin, which is the order torch's DataLoader returns them in,
+so step p of a rank is step p // W of the worker role p % W (on resume, DataLoader worker i
+plays role (i + start_step) % W): that is how `start_step` resumes exactly (without corrupt
+members being skipped).
 Deterministic for (seed, world_size, num_workers).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -56,25 +67,41 @@ log = logging.getLogger("sare_ds.data.stream")
 
 
 class NotEnoughShardsError(ValueError):
-    """Fewer shards of a kind than ranks x workers: some slot would have no data."""
+    """Too few samples of a kind for ranks x workers slots: some slot would have no data."""
+
+
+# One slot's part of one shard: (url, first sample, end sample), in the shard's member order.
+Piece = tuple[str, int, int]
+
+# Share of the driver kind's samples dropped (rounding) or repeated (top-ups) per epoch above
+# which the stream warns: a few samples are the price of lockstep, a large share is a setup issue.
+WARN_SHARE = 0.05
 
 
 def _keep(x):  # DataLoader collate: steps are already composed (module level so it pickles)
     return x
 
 
-def deal(shards: list[str], counts: dict[str, int], n: int) -> list[list[str]]:
-    """Split shards into n groups of nearly equal sample counts: largest shard first, each to the
-    group with the fewest samples so far (ties: lowest index). Deterministic; order within a group
-    follows the input order."""
-    groups: list[list[str]] = [[] for _ in range(n)]
-    load = [0] * n
-    for url in sorted(shards, key=lambda u: (-counts[u], u)):
-        g = min(range(n), key=lambda i: (load[i], i))
-        groups[g].append(url)
-        load[g] += counts[url]
-    order = {u: i for i, u in enumerate(shards)}
-    return [sorted(g, key=order.__getitem__) for g in groups]
+def split_samples(shards: list[str], counts: dict[str, int], n: int) -> list[list[Piece]]:
+    """Cut the samples of `shards` (in the given order, each shard's members in file order) into n
+    contiguous runs whose sizes differ by at most one. Run g holds samples [N g / n, N (g + 1) / n)
+    of the concatenation, as pieces of shards; empty shards give no piece. Deterministic."""
+    total = sum(counts[u] for u in shards)
+    bounds = [total * g // n for g in range(n + 1)]
+    runs: list[list[Piece]] = [[] for _ in range(n)]
+    offset = 0
+    for url in shards:
+        size = counts[url]
+        for g in range(n):
+            lo, hi = max(bounds[g], offset), min(bounds[g + 1], offset + size)
+            if lo < hi:
+                runs[g].append((url, lo - offset, hi - offset))
+        offset += size
+    return runs
+
+
+def _piece_size(pieces: list[Piece]) -> int:
+    return sum(hi - lo for _, lo, hi in pieces)
 
 
 class ShardStream:
@@ -108,33 +135,59 @@ class ShardStream:
         self.driver = next(k for k in ("neg", "pos", "sent") if self.per_step[k] > 0)
 
         # Stage 1: the shard list of each kind, with sample counts (manifest, else tar headers).
-        self.slots: dict[str, list[list[list[str]]]] = {}  # kind -> rank -> worker -> shard urls
+        self.slots: dict[str, list[list[list[Piece]]]] = {}  # kind -> rank -> worker -> pieces
         self.counts: dict[str, int] = {}
+        n_slots = world_size * self.workers
+        totals: dict[str, int] = {}
         for kind in kinds:
             urls = list_shards(shards, kind, allow_remote=allow_remote)
             counts = self._counts(urls)
-            need = world_size * self.workers
-            if len(urls) < need:
+            totals[kind] = sum(counts.values())
+            # Every slot draws every kind it is asked for: a slot with no sample of a kind would fail
+            # inside one DataLoader worker of one rank, mid-run, while the other ranks wait for it in
+            # the next collective. Checked here, on every rank, before anything is read.
+            if totals[kind] < n_slots:
                 raise NotEnoughShardsError(
-                    f"{len(urls)} {kind} shard(s) in {shards!r} but world_size x workers = {world_size} x "
-                    f"{self.workers} = {need} slots each need one; fix: curate with a smaller "
-                    f"output.images_per_chunk (more shards), or lower data.num_workers"
+                    f"{totals[kind]} {kind} sample(s) in {len(urls)} shard(s) of {shards!r}, but world_size x "
+                    f"workers = {world_size} x {self.workers} = {n_slots} slots each need at least one; fix: "
+                    f"lower data.num_workers (or the world size), or curate more images (more "
+                    f"and smaller chunks: output.images_per_chunk)"
                     + (f"; with none at all, check the curation manifest's counts and thresholds, or set "
-                       f"data.{kind}_per_step=0" if not urls else ""))
+                       f"data.{kind}_per_step=0" if not totals[kind] else ""))
             self.counts.update(counts)
-            # Stages 2 and 3: split by node, then by worker.
-            self.slots[kind] = [deal(node, counts, self.workers) for node in deal(urls, counts, world_size)]
+            # Stages 2 and 3: split by node, then by worker (slot = rank x workers + worker).
+            runs = split_samples(urls, counts, n_slots)
+            self.slots[kind] = [runs[r * self.workers:(r + 1) * self.workers] for r in range(world_size)]
 
         per_opt_step = self.per_step[self.driver] * grad_accum_steps
-        slot_n = [[sum(self.counts[u] for u in ws) for ws in node] for node in self.slots[self.driver]]
-        self.steps_per_worker_epoch = min(n // per_opt_step for node in slot_n for n in node)
+        total_driver = totals[self.driver]
+        # Steps per epoch from the total, not from the smallest slot: slot shares differ by at most
+        # one sample, so each slot holds at least m steps' worth and lockstep costs < one step per slot.
+        self.steps_per_worker_epoch = total_driver // (n_slots * per_opt_step)
         if self.steps_per_worker_epoch == 0:
             raise ValueError(
-                f"a (rank, worker) slot has fewer {self.driver} samples ({min(min(n) for n in slot_n)}) than one "
-                f"step needs ({per_opt_step}); fix: lower data.num_workers or the world size, lower "
+                f"{total_driver} {self.driver} samples cannot give every slot one step, which takes "
+                f"(world_size x workers x {self.driver} per step x grad_accum_steps = {world_size} x "
+                f"{self.workers} x {self.per_step[self.driver]} x {grad_accum_steps} = "
+                f"{n_slots * per_opt_step}); fix: lower data.num_workers or the world size, lower "
                 f"data.{self.driver}_per_step or optim.grad_accum_steps, or curate more data")
         self.steps_per_epoch = self.steps_per_worker_epoch * self.workers
-        self.dropped_per_epoch = sum(n - self.steps_per_worker_epoch * per_opt_step for node in slot_n for n in node)
+        need = self.steps_per_worker_epoch * per_opt_step  # driver samples one slot uses per epoch
+        shares = [_piece_size(p) for node in self.slots[self.driver] for p in node]
+        self.dropped_per_epoch = sum(max(0, n - need) for n in shares)
+        """Driver samples not seen in an epoch (rounding of the total to whole steps of every slot)."""
+        self.repeated_per_epoch = sum(max(0, need - n) for n in shares)
+        """Driver samples a slot repeats per epoch to keep the ranks in lockstep (0 unless its share is
+        short; corrupt members skipped at run time are topped up too, counted in skipped["topped_up"])."""
+        for what, n in (("dropped", self.dropped_per_epoch), ("repeated", self.repeated_per_epoch)):
+            if n > WARN_SHARE * total_driver:
+                log.warning(
+                    "%d of %d %s samples (%.0f %%) are %s each epoch so that %d slots (world_size x workers) "
+                    "make the same %d steps of %d %s samples; fix: fewer slots (lower data.num_workers), fewer "
+                    "samples per step (data.%s_per_step, optim.grad_accum_steps), or more data (curate more "
+                    "images; output.images_per_chunk sets how they are cut into shards)",
+                    n, total_driver, self.driver, 100.0 * n / total_driver, what, n_slots,
+                    self.steps_per_worker_epoch, per_opt_step, self.driver, self.driver)
         total = self.steps_per_epoch * epochs
         self.num_steps = min(total, max_steps) if max_steps > 0 else total
         if not 0 <= start_step <= self.num_steps:
@@ -173,12 +226,11 @@ class ShardStream:
 
     def _pass(self, kind: str, node: int, worker: int, label: str, skip: int, stats: dict) -> Iterator[Any]:
         """One pass over a slot's shards of one kind: stages 4-7."""
-        urls = list(self.slots[kind][node][worker])
+        pieces = list(self.slots[kind][node][worker])
         rng = random.Random(f"{self.seed}/{kind}/{label}/{node}/{worker}")
-        rng.shuffle(urls)  # stage 4a: shard order of this pass
+        rng.shuffle(pieces)  # stage 4a: piece order of this pass
         raw = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(handler=self._on_tar_error(stats)),
+            functools.partial(_piece_samples, pieces, self._on_tar_error(stats)),
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng),  # stage 4b
         )
         for sample in itertools.islice(iter(raw), skip, None):  # stage 5: resume skip, undecoded
@@ -203,10 +255,7 @@ class ShardStream:
 
     def _cycled(self, kind: str, node: int, worker: int, skip: int, stats: dict) -> Iterator[Any]:
         """Endless passes, each reshuffled; `skip` samples passed over (whole passes not even read)."""
-        n = sum(self.counts[u] for u in self.slots[kind][node][worker])
-        if n == 0:
-            raise ValueError(f"the {kind} shards of rank {node} worker {worker} hold no samples: "
-                             f"{self.slots[kind][node][worker]}; fix: remove empty shards")
+        n = _piece_size(self.slots[kind][node][worker])  # >= 1: checked at construction
         for cycle in itertools.count(skip // n):
             got = 0
             for item in self._pass(kind, node, worker, f"cycle{cycle}", skip % n if cycle == skip // n else 0, stats):
@@ -285,6 +334,15 @@ class ShardStream:
                 for k, v in s.items():
                     self.skipped[k] = self.skipped.get(k, 0) + v
             yield step
+
+
+def _piece_samples(pieces: list[Piece], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """WebDataset source stage: the raw samples (key + members) of some pieces of shards, in the
+    given piece order. A piece is read from the start of its shard (tar has no index), samples
+    before its first one passed over without decoding."""
+    for url, lo, hi in pieces:
+        shard = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=handler))
+        yield from itertools.islice(iter(shard), lo, hi)
 
 
 class _RankSteps(torch.utils.data.IterableDataset):

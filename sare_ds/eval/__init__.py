@@ -3,10 +3,11 @@ the sharpness probe and the comparison report (docs/evaluation.md, docs/method.m
 
     coco      COCO-format ground truth (instances + reference captions) and image lists
     chair     CHAIR_S / CHAIR_I with per-caption mentioned, grounded, hallucinated objects
-    pope      POPE question files, the reference answer parser, accuracy/precision/recall/F1/yes-ratio
+    pope      POPE question files, the reference answer parsing, accuracy/precision/recall/F1/yes-ratio
     quality   BLEU-1/2/4 (nltk), perplexity, caption length
     distributed  spread items over ranks, gather results (plain or ZeRO-3 generation)
     weights   a method's model = base checkpoint + runs/<run>/trainable.safetensors
+    runs      `--run` / `--method` values (name=dir, dir, base) -> run folders
     evaluate  caption + POPE evaluation of one model; `evaluate_run` for a training run
     attacks   relearning, LoRA fine-tuning and adversarial-prompt attacks
     probe     L_neg along the gradient direction vs random directions (sharpness)

@@ -24,6 +24,7 @@ import torch
 
 from sare_ds.config import MethodConfig, ModelConfig
 from sare_ds.data.samples import BadSampleError, Sample
+from sare_ds.data.shards import iter_samples
 from sare_ds.eval.chair import chair
 
 # COCO's most frequent categories: the absent object of a leading prompt is drawn from these,
@@ -34,28 +35,6 @@ FREQUENT_CATEGORIES = ("person", "car", "chair", "cup", "bottle", "dining table"
 
 
 # ----------------------------------------------------------------------------- attack data
-
-def _read_shards(shard_dir: Path, kind: str):
-    """Samples of one kind from the curation shards (sare_ds.data.shards when present)."""
-    try:
-        from sare_ds.data.shards import iter_samples
-    except ImportError:
-        iter_samples = None
-    if iter_samples is not None:
-        yield from iter_samples(shard_dir, kind=kind)
-        return
-    import webdataset as wds
-
-    urls = sorted(str(p) for p in shard_dir.glob(f"{kind}-*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"{shard_dir}: no {kind}-*.tar shards; pass the output folder of curation")
-    for rec in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
-        meta = rec["json"]
-        image = rec.get("png", rec.get("jpg"))
-        yield Sample(image.convert("RGB") if image is not None else None, meta["prompt"], meta["context"],
-                     meta["target"], meta["kind"], meta.get("object", ""), float(meta.get("score", 0.0)),
-                     str(meta.get("image_id", rec["__key__"])))
-
 
 def load_neg_samples(source: str | Path, limit: int, *, seed: int = 0, image_size: int = 32,
                      prompt: str | None = None) -> list[Sample]:
@@ -75,10 +54,13 @@ def load_neg_samples(source: str | Path, limit: int, *, seed: int = 0, image_siz
     if not shard_dir.is_dir():
         raise FileNotFoundError(f"attack data {shard_dir} is not a folder; pass curation's shard folder or 'synthetic'")
     out = []
-    for s in _read_shards(shard_dir, "neg"):
+    for s in iter_samples(shard_dir, kind="neg"):
         out.append(s)
         if len(out) >= limit:
             break
+    if not out:
+        raise FileNotFoundError(f"attack data {shard_dir}: no neg sample (no neg shard or only empty ones); "
+                                "pass the output folder of curation, whose neg-*.tar shards hold them")
     if len(out) < limit:
         raise ValueError(f"{shard_dir}: only {len(out)} neg samples, the attack needs {limit}; "
                          "fix: curate more images or lower the relearning sizes")
@@ -141,7 +123,9 @@ def fine_tune_attack(adapter, samples: list[Sample], *, trainable: str = "mappin
     losses = []
     for micro in composer:
         metrics = step([collate_groups(mb, "ft", pad_id) for mb in micro])
-        losses.append(float(metrics["loss/pos"]))
+        # Kept on the device: reading a value every step would wait for the device each time.
+        losses.append(metrics["loss/pos"].detach())
+    losses = torch.stack(losses).float().tolist() if losses else []
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

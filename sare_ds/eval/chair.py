@@ -8,7 +8,8 @@ CHAIR_I = hallucinated object mentions / all object mentions (a category mention
 counts twice, as in the reference). A mention is hallucinated when its category is not in the
 image's ground truth (COCO instances + objects of its reference captions; see coco.py).
 Recall (also from the reference's extended script) = ground-truth categories mentioned /
-ground-truth categories. Captions of images without ground truth are skipped and counted.
+ground-truth categories. Captions of images without ground truth are skipped and counted;
+if that is every caption, chair raises (0.0 would read as a perfect score).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def chair(records: list[dict], truth: CocoTruth, vocab: CocoVocabulary | None = 
             "CHAIR_I": len(hallucinated_mentions) / len(mentions) if mentions else 0.0,
         })
     n = len(per_caption)
+    if records and not per_caption:
+        raise ValueError(_no_ground_truth_message(records, truth))
     return {
         "CHAIR_S": n_hallucinated_captions / n if n else 0.0,
         "CHAIR_I": n_hallucinated_mentions / n_mentions if n_mentions else 0.0,
@@ -58,3 +61,20 @@ def chair(records: list[dict], truth: CocoTruth, vocab: CocoVocabulary | None = 
         "skipped_no_ground_truth": skipped,
         "captions": per_caption,
     }
+
+
+def _no_ground_truth_message(records: list[dict], truth: CocoTruth) -> str:
+    ids = [r["image_id"] for r in records]
+    record_types = sorted({type(i).__name__ for i in ids})
+    truth_types = sorted({type(i).__name__ for i in truth.objects})
+    if not truth_types:
+        hint = "the annotation files hold no image; pass COCO instances/captions files with their `images`"
+    elif record_types != truth_types:
+        hint = (f"the captions' image ids are {'/'.join(record_types)} but the annotation files' ids are "
+                f"{'/'.join(truth_types)}; convert them to the annotation files' type (COCO ids are int: "
+                "int(image_id))")
+    else:
+        hint = "score captions of images in the annotation files, or pass the annotation files of these images"
+    return (f"chair: none of the {len(records)} captions has ground truth (skipped {len(ids)}, e.g. image_id "
+            f"{ids[0]!r}; the annotation files know {len(truth.objects)} images); a score over no caption "
+            f"would read as 0.0 = no hallucination. Fix: {hint}")

@@ -20,7 +20,7 @@ from sare_ds.eval.chair import chair
 from sare_ds.eval.coco import CocoTruth, load_image
 from sare_ds.eval.distributed import distributed_map, rank_and_world
 from sare_ds.eval.pope import load_questions, mean_over_splits, parse_answer, pope_metrics
-from sare_ds.eval.quality import bleu, mean_length, token_nll_sums
+from sare_ds.eval.quality import bleu, mean_length, perplexity_from_sums, token_nll_sums
 from sare_ds.models.generate import generate_responses
 from sare_ds.objects import CocoVocabulary
 
@@ -116,13 +116,10 @@ def reference_perplexity(adapter, data: EvalData, cfg: EvalConfig) -> dict:
 
     def run(chunk):
         return token_nll_sums(adapter, [load_image(p) for p, _ in chunk], cfg.caption_prompt,
-                              [t for _, t in chunk], batch_size=cfg.batch_size)
+                              [t for _, t in chunk], batch_size=cfg.batch_size, synced_gpus=cfg.synced_gpus)
 
-    sums = distributed_map(run, items, synced=cfg.synced_gpus)
-    nll, tokens = sum(s for s, _ in sums), sum(n for _, n in sums)
-    import math
-
-    return {"perplexity": math.exp(nll / tokens) if tokens else float("nan"), "perplexity_tokens": tokens}
+    pooled = perplexity_from_sums(distributed_map(run, items, synced=cfg.synced_gpus))
+    return {"perplexity": pooled["perplexity"], "perplexity_tokens": pooled["tokens"]}
 
 
 def pope_eval(adapter, data: EvalData, cfg: EvalConfig) -> dict:

@@ -8,10 +8,11 @@ Question files hold one JSON object a line: question_id, image (file name), text
 (yes/no). The COCO files (random / popular / adversarial, 3000 questions on 500 val2014
 images each) ship in sare_ds/resources/pope/.
 
-Answer parsing copies the reference evaluation exactly, so numbers compare with published
-ones: keep the text before the first ".", delete commas, split on single spaces, and the
-answer is "no" iff one of the words is exactly "No", "not" or "no" (case-sensitive: "Not sure"
-and "NO" count as yes, "No!" too, since only "." ends the first sentence); else "yes".
+Answer parsing has the reference evaluation's semantics, so numbers compare with published
+ones: the first sentence is the text before the first "."; with its commas removed and cut at
+single spaces, it answers "no" iff one of its words is exactly "No", "not" or "no", else "yes".
+Consequences: matching is case-sensitive ("Not sure" and "NO" count as yes), and other
+punctuation stays part of the word ("No!" and "no;" count as yes).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-NEGATIVE_WORDS = ("No", "not", "no")
+NEGATIVE_WORDS = frozenset({"No", "not", "no"})
 SPLITS = ("random", "popular", "adversarial")
 
 
@@ -58,10 +59,14 @@ def load_questions(path: str | Path, limit: int = 0) -> list[dict]:
 
 
 def parse_answer(text: str) -> str:
-    """'yes' or 'no', by the POPE reference rule (first sentence; "No"/"not"/"no" as words)."""
-    first_sentence = text.split(".")[0] if "." in text else text
-    words = first_sentence.replace(",", "").split(" ")
-    return "no" if any(w in NEGATIVE_WORDS for w in words) else "yes"
+    """'yes' or 'no' by POPE's rule (docs/method.md section 5): only the first sentence counts,
+    and it means no when one of its words is "no", "not" or "No"."""
+    # The first sentence is everything before the first "." (the whole text if there is none).
+    sentence = text.partition(".")[0]
+    # Words: commas removed, then cut at single spaces (so "No!" or "no;" stay non-matching
+    # words, as in the reference evaluation the published numbers come from).
+    sentence_words = set(sentence.replace(",", "").split(" "))
+    return "no" if sentence_words & NEGATIVE_WORDS else "yes"
 
 
 def pope_metrics(predictions: list[str], labels: list[str]) -> dict:

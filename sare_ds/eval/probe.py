@@ -25,14 +25,24 @@ from sare_ds.data.samples import BadSampleError
 
 
 def _neg_loss(adapter, batches, device, dtype) -> torch.Tensor:
+    """L_neg over all batches: - the mean span NLL per neg sample (each sample weighs the same,
+    whatever the batch sizes; on one batch this is the training step's L_neg)."""
+    from sare_ds.data.samples import KIND_INDEX
     from sare_ds.train.losses import kind_losses, per_sample_nll
     from sare_ds.train.step import to_device
 
+    neg_counts = [int((b["kind"] == KIND_INDEX["neg"]).sum()) for b in batches]
+    total_neg = sum(neg_counts)
+    if total_neg == 0:
+        raise ValueError("sharpness_probe: the probe batches hold no neg sample; pass hallucinated (kind neg) samples")
     total = 0.0
-    for batch in batches:
+    for batch, n_neg in zip(batches, neg_counts):
+        if n_neg == 0:
+            continue
         b = to_device(batch, device, dtype)
         nll = per_sample_nll(adapter.model(**adapter.forward_inputs(b)).logits, b["labels"])
-        total = total + kind_losses(nll, b["kind"], b["score"])["neg"] / len(batches)
+        # kind_losses gives this batch's mean over its neg samples; weight it by their share.
+        total = total + kind_losses(nll, b["kind"], b["score"])["neg"] * (n_neg / total_neg)
     return total
 
 

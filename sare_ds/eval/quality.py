@@ -6,7 +6,9 @@
 BLEU is corpus-level, word-level, cumulative (BLEU-n = geometric mean of the 1..n-gram
 precisions times the brevity penalty), computed by nltk's `corpus_bleu` against all reference
 captions of the image (closest reference length for the brevity penalty), no smoothing.
-Words are the lower-cased word tokens of the CHAIR tokenizer.
+Words are lower-cased runs of letters and digits; inner hyphens and apostrophes stay inside
+the word ("t-shirt", "dog's"), other punctuation separates words and is dropped. (CHAIR's
+object matching, sare_ds/objects.py, splits at apostrophes instead; BLEU scores wording.)
 
 Perplexity is exp of the token-weighted mean NLL of `texts` as the assistant's answer to
 (image, prompt), under the evaluated model: on reference captions it measures how well the
@@ -52,10 +54,15 @@ def mean_length(texts: list[str]) -> float:
 
 @torch.no_grad()
 def token_nll_sums(adapter, images: list, prompts: list[str] | str, texts: list[str], *, batch_size: int = 8,
-                   max_length: int = 2048) -> list[tuple[float, int]]:
-    """Per text: (sum of token NLLs, token count) as the answer to (image, prompt); (0.0, 0) if it has no tokens."""
+                   max_length: int = 2048, synced_gpus: bool = False) -> list[tuple[float, int]]:
+    """Per text: (sum of token NLLs, token count) as the answer to (image, prompt); (0.0, 0) if it has no tokens.
+
+    synced_gpus (ZeRO-3, every forward is a collective): all ranks run the same number of
+    forwards, whatever number of their texts tokenise (see padded_batch_plan).
+    """
     from sare_ds.data.samples import BadSampleError, Sample
     from sare_ds.data.tokenize import collate, tokenize_sample
+    from sare_ds.models.generate import batch_count_all_ranks, padded_batch_plan
     from sare_ds.train.losses import per_sample_nll
     from sare_ds.train.step import to_device
 
@@ -70,29 +77,59 @@ def token_nll_sums(adapter, images: list, prompts: list[str] | str, texts: list[
             tokenized.append(tokenize_sample(Sample(image, prompt, "", text, "pos"), adapter, max_length))
         except BadSampleError:
             tokenized.append(None)  # counted as (0.0, 0): an empty text has nothing to score
+    real = [i for i, t in enumerate(tokenized) if t is not None]
+    groups = [real[lo:lo + batch_size] for lo in range(0, len(real), batch_size)]
+    # Collective under synced_gpus: reached by every rank, before any data-dependent branch.
+    plan = padded_batch_plan(len(groups), batch_count_all_ranks(len(groups), synced_gpus))
     pad_id = adapter.tokenizer.pad_token_id
     pad_id = adapter.tokenizer.eos_token_id if pad_id is None else pad_id
     was_training = model.training
     model.eval()
     out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
+    placeholder = None
     try:
-        real = [i for i, t in enumerate(tokenized) if t is not None]
-        for lo in range(0, len(real), batch_size):
-            idx = real[lo:lo + batch_size]
-            batch = to_device(collate([tokenized[i] for i in idx], pad_id), param.device, param.dtype)
+        for index, keep in plan:
+            if index is None:
+                placeholder = placeholder or [_placeholder_row(adapter, images, prompts, max_length)]
+                rows = placeholder
+            else:
+                rows = [tokenized[i] for i in groups[index]]
+            batch = to_device(collate(rows, pad_id), param.device, param.dtype)
             logits = model(**adapter.forward_inputs(batch)).logits
+            if not keep:
+                continue  # a forward only to keep the ranks' collectives aligned
             counts = (batch["labels"][:, 1:] != -100).sum(1)
             sums = per_sample_nll(logits, batch["labels"]) * counts
-            for i, s, n in zip(idx, sums.tolist(), counts.tolist()):
-                out[i] = (float(s), int(n))
+            for i, total, n in zip(groups[index], sums.tolist(), counts.tolist()):
+                out[i] = (float(total), int(n))
     finally:
         model.train(was_training)
     return out
 
 
-def perplexity(adapter, images: list, prompts: list[str] | str, texts: list[str], *, batch_size: int = 8) -> dict:
-    """exp(total NLL / total tokens) of the texts as answers to (image, prompt)."""
-    sums = token_nll_sums(adapter, images, prompts, texts, batch_size=batch_size)
+def _placeholder_row(adapter, images: list, prompts: list[str], max_length: int):
+    """A row for a rank whose texts all failed to tokenise, forwarded and dropped (synced_gpus)."""
+    from sare_ds.data.samples import BadSampleError, Sample
+    from sare_ds.data.tokenize import tokenize_sample
+
+    if not images:
+        raise ValueError("token_nll_sums: this rank has no item while others forward under synced_gpus; "
+                         "give every rank at least one item (sare_ds.eval.distributed pads the shards)")
+    try:
+        return tokenize_sample(Sample(images[0], prompts[0], "", "A photo.", "pos"), adapter, max_length)
+    except BadSampleError as e:
+        raise ValueError(f"token_nll_sums: none of this rank's texts tokenises and neither does a placeholder "
+                         f"with its first image and prompt ({e}); fix that prompt, or the other ranks wait "
+                         "for this one's forwards") from e
+
+
+def perplexity_from_sums(sums: list[tuple[float, int]]) -> dict:
+    """exp(total NLL / total tokens) of token_nll_sums results (nan without tokens)."""
     nll, tokens = sum(s for s, _ in sums), sum(n for _, n in sums)
     mean_nll = nll / tokens if tokens else float("nan")
     return {"perplexity": math.exp(mean_nll) if tokens else float("nan"), "mean_nll": mean_nll, "tokens": tokens}
+
+
+def perplexity(adapter, images: list, prompts: list[str] | str, texts: list[str], *, batch_size: int = 8) -> dict:
+    """exp(total NLL / total tokens) of the texts as answers to (image, prompt)."""
+    return perplexity_from_sums(token_nll_sums(adapter, images, prompts, texts, batch_size=batch_size))

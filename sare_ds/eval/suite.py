@@ -8,8 +8,11 @@ trainable weights), so attacks never see each other's updates.
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from sare_ds.eval.evaluate import EvalConfig, EvalData, caption_metrics, generate_captions, pope_eval
 
@@ -70,7 +73,7 @@ def attack_method(load, data: EvalData, eval_cfg: EvalConfig, cfg: AttackConfig,
     from sare_ds.eval.probe import sharpness_probe
 
     out: dict = {}
-    adapter = load()
+    adapter = load()  # run_attack_suite freed the previous method's last copy
     out["none"] = _caption_summary(adapter, data, eval_cfg)
     if cfg.pope_unattacked and data.pope_files:
         pope = pope_eval(adapter, data, eval_cfg)
@@ -83,14 +86,17 @@ def attack_method(load, data: EvalData, eval_cfg: EvalConfig, cfg: AttackConfig,
     if cfg.probe:
         out["probe"] = sharpness_probe(adapter, samples[:cfg.probe_samples], rho=cfg.rho, num_radii=cfg.probe_radii,
                                        num_random=cfg.probe_random, seed=cfg.seed)
-    del adapter
     out["relearn"] = {}
     for n in cfg.relearn_sizes:
+        adapter = None  # the previous copy goes before the next one loads: two at once double the memory
+        _free_memory()
         adapter = load()
         train = fine_tune_attack(adapter, samples[:n], trainable=cfg.relearn_trainable, lr=cfg.relearn_lr,
                                  steps=cfg.relearn_steps, batch_size=cfg.batch_size, seed=cfg.seed)
         out["relearn"][str(n)] = {**_caption_summary(adapter, data, eval_cfg), "train": train}
     if cfg.lora:
+        adapter = None
+        _free_memory()
         adapter = load()
         n = max(cfg.relearn_sizes) if cfg.relearn_sizes else len(samples)
         train = fine_tune_attack(adapter, samples[:n], trainable="lora", lr=cfg.lora_lr, steps=cfg.lora_steps,
@@ -99,12 +105,17 @@ def attack_method(load, data: EvalData, eval_cfg: EvalConfig, cfg: AttackConfig,
     return out
 
 
+def _free_memory() -> None:
+    """Collect dropped models (their modules hold reference cycles) and return cached GPU memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: AttackConfig | None = None, *,
                      eval_cfg: EvalConfig | None = None, out_dir: str | Path = "runs/report",
                      base: str | None = None) -> dict:
     """results[method] for every method (name -> run folder, None for the base model); writes the report."""
-    import torch
-
     from sare_ds.eval.attacks import load_neg_samples
     from sare_ds.eval.distributed import rank_and_world
     from sare_ds.eval.report import write_report
@@ -123,6 +134,7 @@ def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: Attack
     for name, run_dir in methods.items():
         results[name] = attack_method(lambda: load_method_model(run_dir, base=base, device=device),  # noqa: B023
                                       data, eval_cfg, cfg, samples)
+        _free_memory()  # attack_method's last copy is unreferenced now
     results_meta = {"attack_config": asdict(cfg), "eval_config": asdict(eval_cfg),
                     "methods": {k: (str(v) if v else None) for k, v in methods.items()}}
     if rank_and_world()[0] == 0:

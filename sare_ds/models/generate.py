@@ -55,7 +55,8 @@ def _left_padding(tokenizer):
         tokenizer.padding_side = previous
 
 
-def _batch_count_all_ranks(local: int, synced_gpus: bool) -> int:
+def batch_count_all_ranks(local: int, synced_gpus: bool) -> int:
+    """The largest per-rank batch count under synced_gpus (ZeRO-3), else `local`."""
     if not (synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()):
         return local
     # Collective: every rank must reach this line (it is outside any data-dependent branch).
@@ -63,6 +64,21 @@ def _batch_count_all_ranks(local: int, synced_gpus: bool) -> int:
                          device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
     return int(count.item())
+
+
+def padded_batch_plan(local_batches: int, total_batches: int) -> list[tuple[int | None, bool]]:
+    """One (local batch index, keep the result) per forward, `total_batches` forwards in all.
+
+    Batches past this rank's own repeat its last one and are dropped, so every rank runs the
+    same number of forwards (ZeRO-3 collectives line up). A rank with no batch of its own gets
+    index None: the caller must forward a placeholder row.
+    """
+    if local_batches > total_batches:
+        raise ValueError(f"padded_batch_plan: {local_batches} local batches exceed the total {total_batches}; "
+                         "the total must be the maximum over ranks (batch_count_all_ranks)")
+    if local_batches == 0:
+        return [(None, False)] * total_batches
+    return [(min(b, local_batches - 1), b < local_batches) for b in range(total_batches)]
 
 
 @torch.no_grad()
@@ -82,11 +98,11 @@ def generate_responses(adapter, images: list, prompts: list[str] | str, *, max_n
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     local_batches = math.ceil(len(images) / batch_size)
-    total_batches = _batch_count_all_ranks(local_batches, synced_gpus)
-    if total_batches > local_batches and local_batches == 0:
+    plan = padded_batch_plan(local_batches, batch_count_all_ranks(local_batches, synced_gpus))
+    if plan and local_batches == 0:
         raise ValueError("generate_responses: this rank has no images while others do, but ZeRO-3 generation "
                          "(synced_gpus=True) needs every rank to forward; give every rank at least one image "
-                         "(sare_ds.eval.distributed.shard_for_rank pads the shards)")
+                         "(sare_ds.eval.distributed.shard_indices(..., pad=True) pads the shards)")
 
     sampling = {"do_sample": do_sample, "num_beams": num_beams}
     if do_sample:
@@ -98,9 +114,9 @@ def generate_responses(adapter, images: list, prompts: list[str] | str, *, max_n
     texts: list[str] = []
     try:
         with _left_padding(tokenizer):
-            for b in range(total_batches):
+            for index, keep in plan:
                 # A rank past its own data repeats its last batch so the ZeRO-3 collectives line up.
-                lo = min(b, local_batches - 1) * batch_size
+                lo = index * batch_size
                 batch_images = images[lo: lo + batch_size]
                 rendered = [adapter.render(adapter.conversation(p), add_generation_prompt=True)
                             for p in prompts[lo: lo + batch_size]]
@@ -109,7 +125,7 @@ def generate_responses(adapter, images: list, prompts: list[str] | str, *, max_n
                           for k, v in inputs.items()}
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus,
                                      pad_token_id=pad_id, **sampling)
-                if b >= local_batches:
+                if not keep:
                     continue
                 new_tokens = out[:, inputs["input_ids"].shape[1]:]
                 texts.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

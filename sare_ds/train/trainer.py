@@ -110,7 +110,8 @@ def build_data(cfg: TrainConfig, adapter, info: DistInfo, start_step: int):
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
             start_step=start_step, skip_corrupt=cfg.data.skip_corrupt, allow_remote=cfg.data.allow_remote)
         report = {"source": "shards", "shards": cfg.data.shards, "steps": len(stream),
-                  "dropped_per_epoch": getattr(stream, "dropped_per_epoch", None)}
+                  "dropped_per_epoch": stream.dropped_per_epoch, "repeated_per_epoch": stream.repeated_per_epoch,
+                  "skipped": stream.skipped}
         return stream, report
     from sare_ds.data.synthetic import generate_samples
 
