@@ -71,7 +71,7 @@ class DataConfig:
     allow_remote: bool = False
     """Allow `pipe:` and remote (http/s3/gs) shard URLs."""
     prompt: str = EFUF_CAPTION_PROMPT
-    """User prompt that preceded each caption (the caption prompt of curation)."""
+    """Synthetic source: the user prompt of the generated samples (shard samples carry their own)."""
     num_images: int = 48
     """Synthetic source: number of generated images."""
     image_size: int = 32

@@ -9,6 +9,7 @@ small subclass registered with `@register_adapter`.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,8 +49,9 @@ class ImageInputs:
     num_image_tokens: int
 
 
-class MLLMAdapter:
-    """Base class. Subclasses set the class variables and may override the hooks."""
+class MLLMAdapter(ABC):
+    """Base class. Subclasses set the class variables, implement the abstract methods and may
+    override the other hooks."""
 
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -65,8 +67,9 @@ class MLLMAdapter:
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
+    @abstractmethod
     def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> "MLLMAdapter":
-        raise NotImplementedError(f"{cls.__name__} must implement load()")
+        """Model + processor from a local directory or hub id."""
 
     # -- text ----------------------------------------------------------------------------
     @property
@@ -87,12 +90,14 @@ class MLLMAdapter:
         )
 
     @property
+    @abstractmethod
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        """Token id of the image placeholder in the rendered prompt."""
 
     # -- images --------------------------------------------------------------------------
+    @abstractmethod
     def image_inputs(self, image) -> ImageInputs:
-        raise NotImplementedError
+        """Pixel tensors of one image and how many LLM positions its placeholder becomes."""
 
     # -- parameters ----------------------------------------------------------------------
     def mapping_parameter_names(self) -> list[str]:
