@@ -36,6 +36,10 @@ from sare_ds.train.timing import PhaseTimer
 
 log = logging.getLogger("sare_ds.train")
 CHECKPOINTS = "checkpoints"
+# summary.json statuses
+RUNNING, COMPLETED = "running", "completed"
+REFUSED = "stopped: non-finite gradient, update refused (weights saved are the last good ones)"
+CORRUPT = "stopped: non-finite metrics without the per-step check (weights may be corrupt, not saved)"
 
 
 def seed_everything(seed: int) -> None:
@@ -281,7 +285,7 @@ def train(cfg: TrainConfig) -> Path:
 
     logger = MetricLogger(run_dir, cfg.logging, total, enabled=info.is_main)
     logger.advance(start)
-    status, last = "completed", {}
+    status, last = RUNNING, {}
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     try:
         for step_idx, micro in enumerate(batches, start=start + 1):
@@ -307,21 +311,26 @@ def train(cfg: TrainConfig) -> Path:
                 t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
                 if not all(math.isfinite(v) for v in last.values()):
                     # Only reachable with optim.check_finite=false (no per-step check): the bad
-                    # update may already be in the weights, so stop and point at the checkpoint.
+                    # update may already be in the weights, so stop, save nothing, point at the checkpoint.
+                    status = CORRUPT
                     raise NonFiniteError(
                         f"non-finite metrics at step {step_idx} ({', '.join(k for k, v in last.items() if not math.isfinite(v))}) "
                         "with optim.check_finite=false: the weights may be corrupt. Fix: resume from the last "
                         "checkpoint with optim.check_finite=true and a lower optim.lr / method.lambda1 / method.rho.")
             if use_ds and cfg.output.save_every and step_idx % cfg.output.save_every == 0 and step_idx != total:
                 save_checkpoint(rt, run_dir, step_idx)
+        status = COMPLETED
     except NonFiniteError:
-        status = "stopped: non-finite loss"
+        # Raised on every rank alike (the checked norm and the logged means are global), so the
+        # collectives of the save below line up. Any other exception propagates without
+        # collectives, so a failing rank cannot leave the others hanging.
+        status = status if status != RUNNING else REFUSED
         raise
     finally:
         logger.close()
-        # Also on a NaN stop: the optimizer refused the bad update, so these are good weights.
-        save_trainable(rt, run_dir / "trainable.safetensors")
-        if info.is_main:
+        if status in (COMPLETED, REFUSED):  # REFUSED: the optimizer refused the bad update: good weights
+            save_trainable(rt, run_dir / "trainable.safetensors")
+        if info.is_main and status != RUNNING:
             (run_dir / "summary.json").write_text(json.dumps({
                 "status": status, "steps": total, "method": cfg.method.name, "world_size": info.world_size,
                 "last_metrics": last,
