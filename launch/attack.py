@@ -81,3 +81,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from sare_ds.dist import shutdown
+
+    shutdown()

@@ -76,3 +76,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from sare_ds.dist import shutdown
+
+    shutdown()

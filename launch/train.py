@@ -21,6 +21,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 from sare_ds.config import load_config  # noqa: E402
+from sare_ds.dist import shutdown  # noqa: E402
 from sare_ds.train.trainer import train  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def main() -> None:
     run_dir = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {run_dir}")
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -72,3 +72,17 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     stacked /= dist.get_world_size()
     return dict(zip(keys, stacked.unbind()))
+
+
+def shutdown() -> None:
+    """Tear the process group down explicitly before the interpreter exits.
+
+    Left to interpreter exit, gloo's worker threads can be destroyed while joinable
+    ("terminate called without an active exception", seen under mpirun), turning a finished
+    run into an aborted process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
