@@ -1,6 +1,4 @@
 """Model layer: loading through the adapter registry, trainable-set selection, errors."""
-import json
-
 import pytest
 import torch
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sare_ds.plotting import save_figure
+
 import numpy as np
 
 
@@ -71,9 +73,7 @@ def plot_scores(path: str | Path, groups: dict[str, list[float]], thresholds: di
     ax.set_ylabel("objects")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def calibrate_dir(out_dir: str | Path, present_below_t1: float = 0.05, absent_above_t0: float = 0.05,

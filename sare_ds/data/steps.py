@@ -17,6 +17,12 @@ from sare_ds.data.samples import KINDS
 T = TypeVar("T")
 
 
+def per_step_counts(data_cfg, method: str) -> dict[str, int]:
+    """Samples of each kind in one micro-batch; plain fine-tuning never sees hallucinated spans."""
+    return {"pos": data_cfg.pos_per_step, "neg": 0 if method == "ft" else data_cfg.neg_per_step,
+            "sent": data_cfg.sent_per_step}
+
+
 class StepComposer(Generic[T]):
     def __init__(self, by_kind: dict[str, list[T]], per_step: dict[str, int], grad_accum_steps: int,
                  epochs: int, seed: int, max_steps: int = 0, rank: int = 0, world_size: int = 1,

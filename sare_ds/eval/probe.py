@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sare_ds.plotting import save_figure
+
 import torch
 
 from sare_ds.config import ModelConfig
@@ -145,9 +147,4 @@ def plot_landscape(probes: dict[str, dict] | dict, path: str | Path) -> Path:
     ax.set_ylabel("L_neg = - NLL on hallucinated spans")
     ax.set_title("Loss landscape around the unlearned weights")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sare_ds.plotting import save_figure
+
 
 def _cell(value: float | None, base: float | None = None) -> str:
     if value is None:
@@ -71,12 +73,7 @@ def plot_relearn_curve(results: dict[str, dict], path: str | Path) -> Path:
     ax.set_title("Relearning attack")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:

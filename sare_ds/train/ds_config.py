@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from sare_ds.config import ConfigError, TrainConfig
+from sare_ds.data.steps import per_step_counts
 
 SUPPORTED_STAGES = (2, 3)
 
@@ -36,8 +37,7 @@ def _fill(ds: dict, key: str, value, source: str, path: str) -> None:
 
 
 def samples_per_micro_batch(cfg: TrainConfig) -> int:
-    neg = 0 if cfg.method.name == "ft" else cfg.data.neg_per_step
-    return cfg.data.pos_per_step + neg + cfg.data.sent_per_step
+    return sum(per_step_counts(cfg.data, cfg.method.name).values())
 
 
 def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from sare_ds.data.tokenize import collate
 from sare_ds.train.losses import kind_losses, per_sample_nll
 from sare_ds.train.params import ParameterSpace
 from sare_ds.train.timing import PhaseTimer
@@ -139,8 +140,6 @@ class UnlearningStep:
 
 def collate_groups(micro_batch: dict[str, list], method: str, pad_token_id: int) -> dict[str, dict | None]:
     """Collate the sample groups `method` forwards: neg alone, pos+sent (cap), or all kinds."""
-    from sare_ds.data.tokenize import collate
-
     members = {"neg": ("neg",), "cap": ("pos", "sent"), "all": ("pos", "neg", "sent")}
     out: dict[str, dict | None] = {}
     for group in METHOD_GROUPS[method]:

@@ -25,7 +25,7 @@ import torch
 import kernels
 from sare_ds.config import TrainConfig, save_config
 from sare_ds.data.samples import KINDS, BadSampleError
-from sare_ds.data.steps import StepComposer
+from sare_ds.data.steps import StepComposer, per_step_counts
 from sare_ds.data.tokenize import tokenize_sample
 from sare_ds.dist import DistInfo, barrier, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
@@ -101,9 +101,7 @@ def tokenize_all(samples, adapter, max_length: int):
 
 def build_data(cfg: TrainConfig, adapter, info: DistInfo, start_step: int):
     """The per-step micro-batches of this rank (from shards or generated scenes) and a data report."""
-    per_step = {"pos": cfg.data.pos_per_step, "neg": cfg.data.neg_per_step, "sent": cfg.data.sent_per_step}
-    if cfg.method.name == "ft":
-        per_step["neg"] = 0  # plain fine-tuning never sees hallucinated spans
+    per_step = per_step_counts(cfg.data, cfg.method.name)
     if cfg.data.source == "shards":
         from sare_ds.data.stream import ShardStream
 

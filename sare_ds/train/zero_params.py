@@ -145,7 +145,7 @@ class Zero2ParameterSpace(_ZeroSpace):
         self._total = total
 
     def _fragments(self):
-        """(param, flat offset, fragment start, master fragment, grad fragment or None) for owned fragments."""
+        """(param, its offset in the flat buffer, its fragment mapping) for the fragments this rank owns."""
         for p, off in zip(self.params, self._offsets):
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is None:
