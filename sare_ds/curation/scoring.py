@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sare_ds.config import ConfigError
+
 # A tiny open_clip architecture for tests and the CPU quickstart (random weights; ~1.8M params,
 # most of them the 49408-token embedding table of CLIP's tokenizer).
 TINY_CLIP_NAME = "sare-tiny-clip"
@@ -48,6 +50,33 @@ def register_tiny_clip() -> str:
         path.write_text(json.dumps(TINY_CLIP_CONFIG))
         open_clip.add_model_config(path)
     return TINY_CLIP_NAME
+
+
+def resolve_clip_model(model: str) -> str:
+    """clip.model -> open_clip model name. `sare-tiny-clip` and a path to an open_clip model-config JSON
+    (a custom architecture, e.g. the toy CLIP's) are registered first; a JSON's name is its file stem.
+    A stem open_clip already knows with another config is registered again, so this file's config wins."""
+    import open_clip
+
+    if model == TINY_CLIP_NAME:
+        return register_tiny_clip()
+    if not model.endswith(".json"):
+        return model
+    path = Path(model)
+    fix = ("pass an existing open_clip model-config JSON with embed_dim, vision_cfg and text_cfg (e.g. the "
+           "toy-clip.json that `python -m sare_ds.toy.clip OUT_DIR` writes) or an open_clip model name "
+           "such as ViT-B-32")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"clip.model = {model!r} is invalid: cannot read it as an open_clip model config "
+                          f"({type(e).__name__}: {e}). Fix: {fix}") from None
+    if not (isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg"))):
+        raise ConfigError(f"clip.model = {model!r} is invalid: the JSON lacks embed_dim / vision_cfg / text_cfg. "
+                          f"Fix: {fix}")
+    if open_clip.get_model_config(path.stem) != cfg:
+        open_clip.add_model_config(path)
+    return path.stem
 
 
 def window_grid(width: int, height: int, patch: int, window: int) -> tuple[int, int]:
@@ -90,16 +119,22 @@ class ClipScorer:
     def from_config(cls, clip_cfg, device=None) -> "ClipScorer":
         import open_clip
 
-        if clip_cfg.model == TINY_CLIP_NAME:
-            register_tiny_clip()
+        name = resolve_clip_model(clip_cfg.model)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Random weights (no `pretrained`) come from a fixed seed: a resumed run, or another rank, must
         # score with the same model as the chunks already written.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = open_clip.create_model(clip_cfg.model, pretrained=clip_cfg.pretrained or None, device=device)
+            model = open_clip.create_model(name, pretrained=clip_cfg.pretrained or None, device=device)
+        return cls.from_model(model, open_clip.get_tokenizer(name), clip_cfg, device)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, clip_cfg, device="cpu") -> "ClipScorer":
+        """A scorer around an open_clip model already in memory (from_config's second half; the toy CLIP
+        scores with it while training)."""
+        import open_clip
+
         model.eval()
-        tokenizer = open_clip.get_tokenizer(clip_cfg.model)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN

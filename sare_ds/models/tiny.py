@@ -70,18 +70,18 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 600):
     return fast
 
 
-def build_tiny_llava(
-    out_dir: str | Path,
+def make_tiny_llava(
+    tokenizer,
     *,
     image_size: int = 32,
     patch_size: int = 8,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
     hidden_size: int = 64,
     num_layers: int = 2,
-    corpus: list[str] | None = None,
-    vocab_size: int = 600,
     seed: int = 0,
-) -> Path:
-    """Build, save and return the directory of a tiny random LLaVA-1.5-layout checkpoint."""
+):
+    """A tiny random LLaVA-1.5-layout model and its processor (nothing written)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -91,13 +91,10 @@ def build_tiny_llava(
         LlavaProcessor,
     )
 
-    out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(list(corpus or DEFAULT_CORPUS), vocab_size=vocab_size)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=patch_size, projection_dim=32,
+        hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_hidden_layers=vision_layers,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden_size,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -125,6 +122,25 @@ def build_tiny_llava(
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=LLAVA15_CHAT_TEMPLATE,
     )
+    return model, processor
+
+
+def build_tiny_llava(
+    out_dir: str | Path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    corpus: list[str] | None = None,
+    vocab_size: int = 600,
+    seed: int = 0,
+) -> Path:
+    """Build, save and return the directory of a tiny random LLaVA-1.5-layout checkpoint."""
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(list(corpus or DEFAULT_CORPUS), vocab_size=vocab_size)
+    model, processor = make_tiny_llava(tokenizer, image_size=image_size, patch_size=patch_size,
+                                       hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
