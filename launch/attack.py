@@ -1,7 +1,7 @@
 """Attack unlearned models (relearning, LoRA, adversarial prompts), probe sharpness, write the report.
 
-    python launch/attack.py --base runs/models/tiny-llava --method base=base --method SARE=runs/quickstart \
-        --scenes runs/eval-scenes --data synthetic --out runs/report
+    python launch/attack.py --base runs/toy/models/captioner --method base=base --method SARE=runs/toy/runs/sare \
+        --scenes runs/toy/scenes/eval --data runs/toy/curated --relearn-lr 1e-3 --out runs/toy/report
     # real models: --data runs/curated (neg shards), --instances/--captions/--image-dir as in evaluate.py
 
 Writes <out>/report.md (one table: every method under every attack, with changes),

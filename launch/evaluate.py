@@ -1,7 +1,8 @@
 """Evaluate models: CHAIR, BLEU, perplexity, throughput on COCO-format captions; POPE.
 
-    # a training run (base checkpoint + runs/<run>/trainable.safetensors) on the toy scenes
-    python launch/evaluate.py --run runs/quickstart --scenes runs/eval-scenes
+    # a training run (base checkpoint + runs/<run>/trainable.safetensors) on the toy world's scenes
+    python launch/evaluate.py --run base --run SARE=runs/toy/runs/sare --base runs/toy/models/captioner \
+        --scenes runs/toy/scenes/eval
     # a model sharded over the ranks (ZeRO-3 inference; every rank joins every forward):
     deepspeed --num_gpus 8 launch/evaluate.py --run sare=runs/sare --synced-gpus true ...
     # LLaVA-1.5 on COCO val2014 (see docs/evaluation.md), 2 GPUs:

@@ -1,22 +1,47 @@
 #!/usr/bin/env bash
-# Quickstart command 1: set up (once) and run the main job on the embedded default.
+# Quickstart command 1: set up (once) and run the whole method on the toy world (docs/toy_world.md).
 #
-#   bash launch/quickstart.sh [section.field=value ...]
+#   bash launch/quickstart.sh [--ci] [--seed N] [--out DIR]
 #
-# 1. builds the tiny random LLaVA (cached in runs/models/tiny-llava);
-# 2. draws generated scenes as a COCO-style folder (cached) and curates them with
-#    launch/curate.py (tiny random CLIP, toy thresholds) into WebDataset shards;
-# 3. trains SARE with `deepspeed launch/train.py` under ZeRO-3: 2 CPU ranks (gloo, fp32) on a
-#    machine without GPUs, every GPU (bf16) on one with them;
-# 4. evaluates the base and the trained model (CHAIR, POPE, BLEU, perplexity) on held-out scenes.
-# Extra arguments are config overrides for launch/train.py. Outputs: runs/quickstart/.
+# 1. builds (or reuses) the toy world: a tiny LLaVA captioner trained from scratch on generated
+#    scenes, which hallucinates co-occurring objects; a tiny open_clip CLIP trained on the same
+#    scenes, with curation thresholds calibrated for it; curation and held-out evaluation scenes;
+# 2. curates: the captioner describes the curation scenes, the CLIP scores every object
+#    (launch/curate.py) -> pos / neg / sent WebDataset shards;
+# 3. trains FT, EFUF and SARE with `deepspeed launch/train.py` under ZeRO-3: 2 CPU ranks (gloo,
+#    fp32) on a machine without GPUs, every GPU (bf16) on one with them;
+# 4. evaluates base / FT / EFUF / SARE on the held-out scenes (launch/evaluate.py: CHAIR, POPE,
+#    BLEU, perplexity);
+# 5. attacks them (launch/attack.py): relearning with 60 / 100 / 140 hallucinated samples, LoRA,
+#    sharpness probe; writes the report (table + relearning curve).
+# --ci: the smaller world of the end-to-end test (tests/test_toy_world.py): EFUF and SARE only,
+#       relearning with 60 samples. Seeds are fixed (--seed, default 0) and recorded in
+#       <out>/world.json and every run's config.yaml. Outputs: <out> (default runs/toy, runs/toy-ci).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+PRESET=full SEED=0 OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --ci) PRESET=ci ;;
+    --seed) SEED="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    *) echo "quickstart.sh: unknown argument $1 (use --ci, --seed N, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ "$PRESET" = ci ]; then
+  OUT="${OUT:-runs/toy-ci}"; METHODS="efuf sare"; SIZES=60; LORA=false
+else
+  OUT="${OUT:-runs/toy}"; METHODS="ft efuf sare"; SIZES=60,100,140; LORA=true
+fi
+SECONDS=0
+step() { echo -e "\n== [$(printf '%3d' "$SECONDS") s] $* ==" >&2; }
+
+step "set-up (launch/setup_env.sh; a no-op once done)"
 bash launch/setup_env.sh
 VENV="${SARE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-step() { echo -e "\n== $* ==" >&2; }
 
 NUM_GPUS="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
 if [ "$NUM_GPUS" -gt 0 ]; then
@@ -27,29 +52,38 @@ else
   RANKS=2; DS_CONFIG=ds_configs/zero3_cpu_fp32.json; DTYPE=float32
 fi
 
-MODEL=runs/models/tiny-llava
-DATA=runs/quickstart-data
-if [ ! -f "$MODEL/config.json" ]; then
-  step "building the tiny LLaVA"
-  "$PY" -m sare_ds.models.tiny "$MODEL"
-fi
-if [ ! -f "$DATA/scenes/instances.json" ]; then
-  step "drawing scenes"
-  "$PY" -m sare_ds.curation.synthetic_coco "$DATA/scenes" --num-images 64 --image-size 96
-fi
-step "curating (launch/curate.py)"
-"$PY" launch/curate.py input.path="$DATA/scenes/images" input.annotations="$DATA/scenes/instances.json" \
-  caption.source=annotations caption.captions_file="$DATA/scenes/captions.json" \
-  clip.model=sare-tiny-clip clip.pretrained= clip.patch_size=24 clip.window_patches=2 \
-  split.t0=36 split.t1=32 split.t2=34 output.images_per_chunk=16 output.dir="$DATA/curated" \
-  output.resume=false  # ~10 s: always curate afresh, so a changed curation config never meets old shards
+step "toy world ($PRESET, seed $SEED): captioner, CLIP, scenes (cached in $OUT)"
+env -u OMP_NUM_THREADS "$PY" -m sare_ds.toy.world "$OUT" --preset "$PRESET" --seed "$SEED"
+CAPTIONER="$OUT/models/captioner"
+mapfile -t CLIP_OVERRIDES < "$OUT/curate_overrides.txt"
 
-step "training SARE: deepspeed, $RANKS ranks, ZeRO-3 ($DS_CONFIG)"
-"$VENV/bin/deepspeed" --num_gpus "$RANKS" launch/train.py --config launch/configs/quickstart.yaml \
-  distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" data.shards="$DATA/curated" "$@"
+step "curating the captioner's descriptions (launch/curate.py)"
+# output.resume=true: the chunks of an earlier run with the same config are kept, any change redoes them.
+"$PY" launch/curate.py input.path="$OUT/scenes/curation/images" input.annotations="$OUT/scenes/curation/instances.json" \
+  model.name_or_path="$CAPTIONER" caption.max_new_tokens=40 caption.batch_size=32 "${CLIP_OVERRIDES[@]}" \
+  output.dir="$OUT/curated" output.images_per_chunk=100 output.resume=true
 
-step "evaluating base and SARE"
-"$PY" launch/evaluate.py --run base --run sare=runs/quickstart --scenes "$DATA/eval-scenes" \
-  --max-new-tokens 32 --out runs/quickstart/eval
-echo -e "\nDone. Run directory: runs/quickstart  (config.yaml, metrics.jsonl, tb/, hf/, trainable.safetensors)"
-echo "Evaluation report: runs/quickstart/eval/summary.md  (per model: runs/quickstart/eval/<name>/eval.md)"
+RUNS=(--run base)
+for M in $METHODS; do
+  NAME="$(echo "$M" | tr a-z A-Z)"
+  step "training $NAME: deepspeed, $RANKS ranks, ZeRO-3 ($DS_CONFIG)"
+  "$VENV/bin/deepspeed" --num_gpus "$RANKS" launch/train.py --config launch/configs/toy.yaml \
+    model.name_or_path="$CAPTIONER" data.shards="$OUT/curated" method.name="$M" optim.seed="$SEED" \
+    output.run_dir="$OUT/runs/$M" distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" logging.progress_bar=false
+  RUNS+=(--run "$NAME=$OUT/runs/$M")
+done
+
+step "evaluating base and unlearned models on held-out scenes (launch/evaluate.py)"
+"$PY" launch/evaluate.py "${RUNS[@]}" --base "$CAPTIONER" --scenes "$OUT/scenes/eval" \
+  --max-new-tokens 40 --batch-size 32 --out "$OUT/eval"
+
+step "attacks and report (launch/attack.py)"
+"$PY" launch/attack.py "${RUNS[@]/--run/--method}" --base "$CAPTIONER" --scenes "$OUT/scenes/eval" \
+  --data "$OUT/curated" --relearn-sizes "$SIZES" --relearn-lr 1e-3 --lora "$LORA" --lora-lr 1e-3 \
+  --adversarial false --seed "$SEED" --eval-max-new-tokens 40 --eval-batch-size 32 --out "$OUT/report" >/dev/null
+
+step "done"
+cat "$OUT/report/report.md"
+echo "Report: $OUT/report/report.md (table), $OUT/report/relearn_curve.png (relearning curve),"
+echo "        $OUT/report/landscape.png (sharpness probe); metrics of every model: $OUT/eval/summary.md"
+echo "Toy world (seeds, thresholds, timings): $OUT/world.json; runs: $OUT/runs/<method>/"

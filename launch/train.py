@@ -1,7 +1,7 @@
 """Train FT / EFUF / SARE from a YAML config with dotted overrides.
 
     # one process, no DeepSpeed
-    python launch/train.py --config launch/configs/quickstart.yaml method.name=efuf
+    python launch/train.py --config launch/configs/tiny_random.yaml method.name=efuf
     # DeepSpeed ZeRO-3, any launcher
     deepspeed --num_gpus 8 launch/train.py --config my.yaml distributed.ds_config=ds_configs/zero3_bf16.json
     torchrun --nproc_per_node 2 launch/train.py --config my.yaml distributed.ds_config=...

@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "runs/models/tiny-llava"
+    name_or_path: str = "runs/toy/models/captioner"
     """Local directory or hub id of the MLLM (a transformers checkpoint)."""
     family: str = "auto"
     """Adapter family (`auto` reads `model_type` from the checkpoint's config; else e.g. `llava`)."""
@@ -62,7 +62,7 @@ class DataConfig:
     source: str = "shards"
     """Where training samples come from: `shards` (curated WebDataset shards, data.shards) or
     `synthetic` (generated scenes with oracle scores, no curation)."""
-    shards: str = "runs/quickstart-data/curated"
+    shards: str = "runs/toy/curated"
     """Curated shards: a curation output directory, a brace pattern or a comma-separated list."""
     shuffle_buffer: int = 1000
     """Samples in each kind's shuffle buffer of the shard stream."""
@@ -159,7 +159,7 @@ class DistributedConfig:
 
 @dataclass
 class OutputConfig:
-    run_dir: str = "runs/quickstart"
+    run_dir: str = "runs/toy/runs/sare"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, weights."""
     overwrite: bool = True
     """Allow writing into an existing run directory."""

@@ -16,7 +16,7 @@ TAGS = {"loss/pos", "loss/neg", "loss/sent", "sam/grad_norm_neg", "sam/eps_norm"
 
 def run_train(tiny_model_dir, run_dir, *overrides):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/configs/quickstart.yaml"),
+    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/configs/tiny_random.yaml"),
            f"model.name_or_path={tiny_model_dir}", f"output.run_dir={run_dir}", "optim.max_steps=4", "data.source=synthetic",
            "data.num_images=16", "logging.progress_bar=false", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

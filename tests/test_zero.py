@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def common(model_dir, run_dir, *extra) -> list[str]:
-    return ["--config", str(ROOT / "launch/configs/quickstart.yaml"), f"model.name_or_path={model_dir}",
+    return ["--config", str(ROOT / "launch/configs/tiny_random.yaml"), f"model.name_or_path={model_dir}",
             f"output.run_dir={run_dir}", f"optim.max_steps={STEPS}", "data.source=synthetic", "data.num_images=16",
             "logging.progress_bar=false", *extra]
 

@@ -44,7 +44,7 @@ def same(a, b):
 
 
 def run(model_dir: str, threshold: float, info) -> dict:
-    cfg = load_config(ROOT / "launch/configs/quickstart.yaml", [
+    cfg = load_config(ROOT / "launch/configs/tiny_random.yaml", [
         f"model.name_or_path={model_dir}", "distributed.ds_config=ds_configs/zero3_cpu_fp32.json",
         "method.rho=0.5", "data.source=synthetic", "data.num_images=16", "optim.max_steps=2"])
     ds = build_ds_config(cfg, info.world_size, False)

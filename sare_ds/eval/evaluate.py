@@ -2,7 +2,7 @@
 
     data = EvalData.from_paths(instances=[...], captions=[...], image_dir="val2014")
     result = evaluate_model(adapter, data, EvalConfig(num_images=500))
-    evaluate_run("runs/quickstart", EvalData.from_eval_set("runs/eval-scenes/eval_set.json"))
+    evaluate_run("runs/toy/runs/sare", EvalData.from_eval_set("runs/toy/scenes/eval/eval_set.json"))
 
 Images are spread over ranks when torch.distributed is initialised (see distributed.py);
 every rank returns the same full result, rank 0 writes the files.

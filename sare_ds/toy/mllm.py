@@ -63,7 +63,7 @@ class CaptionerConfig:
 PRESETS = {
     "full": CaptionerConfig(),
     # The CI variant: the same world and architecture, a shorter run.
-    "ci": CaptionerConfig(scenes=1500, steps=300, vision_steps=300),
+    "ci": CaptionerConfig(scenes=2000, steps=450, vision_steps=300, qa_per_scene=1),
 }
 
 

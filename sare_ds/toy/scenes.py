@@ -4,12 +4,12 @@
     scene = world.sample_scene(random.Random(0))         # Scene(objects=[...], boxes=[...])
     image = world.draw(scene, random.Random(0))          # 64 x 64 PIL image
     world.caption(scene.objects)                         # "The image shows a dog, a frisbee and a cat."
-    write_scene_set("runs/toy/eval-scenes", world, 200, seed=1)   # COCO-format eval set + POPE files
+    write_scene_set("runs/toy/scenes/eval", world, 200, seed=200)   # COCO-format eval set + POPE files
 
 Each category has its own look (shape and colour) and sits in one cell of a 2 x 2 grid with
 random scale and offset. Five categories are *triggers* with a *partner* (dog -> frisbee,
 laptop -> mouse, ...): when a trigger is drawn its partner is drawn too with probability
-`co_occurrence`. Captions list the objects in a fixed order that puts each partner right
+`co_occurrence` if the scene has room for it. Captions list the objects in a fixed order that puts each partner right
 after its trigger.
 
 Hallucination comes from the captions the captioner is trained on, the mechanism real
@@ -65,7 +65,10 @@ class ToyWorld:
     min_objects: int = 1
     max_objects: int = 4
     co_occurrence: float = 0.6
-    """P(partner drawn | trigger drawn)."""
+    """P(a drawn trigger pulls its partner in | the scene has room for one more object). Scenes draw
+    their object count first, so one-object scenes never hold a pair: overall about 46 % of the
+    scenes with a trigger also show its partner, and about 43 % of all scenes show a trigger
+    without its partner (the scenes a co-occurrence-biased captioner hallucinates on)."""
     caption_noise: float = 0.75
     """P(an absent partner is named after its trigger) in the captioner's training captions."""
     categories: list[str] = field(default_factory=lambda: list(LOOKS))

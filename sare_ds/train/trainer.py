@@ -1,6 +1,6 @@
 """The training loop: model, data, parameter space, step, logs, checkpoints, weights.
 
-    run_dir = train(load_config("launch/configs/quickstart.yaml"))
+    run_dir = train(load_config("launch/configs/tiny_random.yaml"))
 
 One process (`distributed.ds_config` empty: PlainParameterSpace) or DeepSpeed ZeRO-2/3 on
 any number of ranks (Zero{2,3}ParameterSpace); the step and the loop are the same code.
