@@ -58,10 +58,10 @@ CAPTIONER="$OUT/models/captioner"
 mapfile -t CLIP_OVERRIDES < "$OUT/curate_overrides.txt"
 
 step "curating the captioner's descriptions (launch/curate.py)"
-# output.resume=true: the chunks of an earlier run with the same config are kept, any change redoes them.
+# Always afresh (about 10 s): the models and scenes are what the cache keeps.
 "$PY" launch/curate.py input.path="$OUT/scenes/curation/images" input.annotations="$OUT/scenes/curation/instances.json" \
   model.name_or_path="$CAPTIONER" caption.max_new_tokens=40 caption.batch_size=32 "${CLIP_OVERRIDES[@]}" \
-  output.dir="$OUT/curated" output.images_per_chunk=100 output.resume=true
+  output.dir="$OUT/curated" output.images_per_chunk=100 output.resume=false
 
 RUNS=(--run base)
 for M in $METHODS; do

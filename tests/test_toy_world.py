@@ -114,12 +114,19 @@ def test_results_aggregate_seeds(tmp_path):
         (root / "report").mkdir(parents=True)
         (root / "world.json").write_text(json.dumps({"seed": seed, "preset": "full"}))
         (root / "report" / "report.json").write_text(json.dumps({"base": method(b, b), "SARE": method(s, r)}))
+        for m in ("base", "SARE"):  # launch/evaluate.py's per-caption records
+            (root / "eval" / m).mkdir(parents=True)
+            caps = [{"ground_truth": ["dog"], "hallucinated": ["frisbee"]},  # partner of a drawn trigger
+                    {"ground_truth": ["cat"], "hallucinated": ["frisbee", "car"]}, {"ground_truth": ["car"], "hallucinated": []},
+                    {"ground_truth": ["dog", "frisbee"], "hallucinated": []}]
+            (root / "eval" / m / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in caps))
         roots.append(root)
     reports = load_reports(roots)
     table = aggregate_table(reports)
     # SARE's CHAIR_S: 30 and 34 -> mean 32.0, sd 2.8; relearned 35 and 41 -> 38.0 +- 4.2.
     assert "| SARE | 32.0 ± 2.8 |" in table and "38.0 ± 4.2" in table
     assert "| 1 | 44.0 -> 44.0 | 34.0 -> 41.0 |" in table
+    assert "| SARE | 25.0 ± 0.0 | 50.0 ± 0.0 |" in table  # 1 partner, 2 other objects in 4 captions
     assert plot_curves(reports, tmp_path / "curve.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="quickstart"):
         load_reports([tmp_path / "nowhere"])

@@ -6,7 +6,7 @@
   split           caption + object scores -> pos / neg / sent samples (context, target)
   pipeline        the run: chunks over ranks, shards (sare_ds.data.shards), resume, manifest, histogram
   calibrate       propose t0 / t1 / t2 for another CLIP from present / absent score distributions
-  synthetic_coco  the generated scenes as a COCO-style folder (quickstart input)
+  synthetic_coco  the 6-shape generated scenes as a COCO-style folder (tests, benchmark)
   benchmark       throughput figures: curation images/s, window-reuse speed-up, stream samples/s
 
 Entry point: `python launch/curate.py --help`.

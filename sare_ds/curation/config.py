@@ -77,7 +77,8 @@ class CaptionConfig:
 @dataclass
 class ClipConfig:
     model: str = "ViT-B-32"
-    """open_clip architecture name (EFUF: ViT-B/32). A custom config can be registered first."""
+    """open_clip architecture name (EFUF: ViT-B/32), or the path of an open_clip model-config JSON (a
+    custom architecture such as the toy world's `toy-clip.json`, registered under its file stem)."""
     pretrained: str = "openai"
     """open_clip pretrained tag or a local checkpoint file; empty string for random weights (tests)."""
     mode: str = "local"

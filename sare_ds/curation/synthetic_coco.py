@@ -1,5 +1,6 @@
-"""Write the generated scenes of `sare_ds.data.synthetic` as a COCO-style folder, so the
-quickstart curates them with launch/curate.py exactly as it would curate COCO.
+"""Write the 6-shape generated scenes of `sare_ds.data.synthetic` as a COCO-style folder, so tests
+and benchmarks curate them with launch/curate.py exactly as it would curate COCO (the toy world,
+sare_ds.toy, is the quickstart's input).
 
     python -m sare_ds.curation.synthetic_coco runs/scenes --num-images 64 --image-size 96
 

@@ -44,6 +44,27 @@ def _metrics(method_result: dict) -> dict[str, float]:
     return m
 
 
+def hallucination_kinds(root: str | Path, method: str) -> dict[str, float] | None:
+    """Hallucinated objects per 100 held-out captions of one unattacked model, split into absent
+    co-occurring partners of drawn triggers (the toy world's mechanism) and other objects; from
+    launch/evaluate.py's <root>/eval/<method>/captions.jsonl (None if it is not there)."""
+    from sare_ds.toy.scenes import PAIRS
+
+    path = Path(root) / "eval" / method / "captions.jsonl"
+    if not path.is_file():
+        return None
+    partner = other = n = 0
+    for line in path.read_text().splitlines():
+        cap = json.loads(line)
+        n += 1
+        for obj in cap["hallucinated"]:
+            if any(PAIRS.get(g) == obj for g in cap["ground_truth"]):
+                partner += 1
+            else:
+                other += 1
+    return {"partner": 100 * partner / max(1, n), "other": 100 * other / max(1, n)}
+
+
 def _fmt(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -70,6 +91,12 @@ def aggregate_table(reports: list[dict]) -> str:
             last = [k for k in x if k.startswith("relearn")]
             cells.append(f"{x['CHAIR_S']:.1f} -> {x[last[-1]]:.1f}" if last else f"{x['CHAIR_S']:.1f}")
         lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+    kinds = {m: [k for k in (hallucination_kinds(r["root"], m) for r in reports) if k] for m in methods}
+    if all(kinds.values()):
+        lines += ["", "Hallucinated objects per 100 held-out captions (unattacked): absent partners of drawn "
+                  "triggers / other objects:", "", "| method | partner | other |", "| --- | --- | --- |"]
+        lines += [f"| {m} | {_fmt([k['partner'] for k in kinds[m]], 1)} | {_fmt([k['other'] for k in kinds[m]], 1)} |"
+                  for m in methods]
     return "\n".join(lines) + "\n"
 
 
