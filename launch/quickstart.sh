@@ -63,11 +63,13 @@ step "curating the captioner's descriptions (launch/curate.py)"
   model.name_or_path="$CAPTIONER" caption.max_new_tokens=40 caption.batch_size=32 "${CLIP_OVERRIDES[@]}" \
   output.dir="$OUT/curated" output.images_per_chunk=100 output.resume=false
 
+# A free port for the launcher's rendezvous: another job on this machine may hold deepspeed's 29500.
+PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 RUNS=(--run base)
 for M in $METHODS; do
   NAME="$(echo "$M" | tr a-z A-Z)"
   step "training $NAME: deepspeed, $RANKS ranks, ZeRO-3 ($DS_CONFIG)"
-  "$VENV/bin/deepspeed" --num_gpus "$RANKS" launch/train.py --config launch/configs/toy.yaml \
+  "$VENV/bin/deepspeed" --num_gpus "$RANKS" --master_port "$PORT" launch/train.py --config launch/configs/toy.yaml \
     model.name_or_path="$CAPTIONER" data.shards="$OUT/curated" method.name="$M" optim.seed="$SEED" \
     output.run_dir="$OUT/runs/$M" distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" logging.progress_bar=false
   RUNS+=(--run "$NAME=$OUT/runs/$M")

@@ -1,6 +1,7 @@
 """Aggregate toy-world reports over seeds: one table (mean +- sd) and one relearning curve.
 
     python -m sare_ds.toy.results runs/toy runs/toy-seed1 runs/toy-seed2 --out docs/toy_world_results
+    python -m sare_ds.toy.results runs/toy ... --report report-rho --out docs/toy_world_rho   # another attack.py --out
 
 Each argument is the output folder of one `bash launch/quickstart.sh --seed N --out DIR`
 (its report/report.json and world.json). Writes <out>.md (the table, per-seed rows included)
@@ -16,11 +17,12 @@ from pathlib import Path
 from sare_ds.plotting import save_figure
 
 
-def load_reports(roots: list[str | Path]) -> list[dict]:
+def load_reports(roots: list[str | Path], report: str = "report") -> list[dict]:
+    """One entry per root: its seed and preset (world.json) and <root>/<report>/report.json."""
     out = []
     for root in roots:
         root = Path(root)
-        path = root / "report" / "report.json"
+        path = root / report / "report.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; run `bash launch/quickstart.sh --out {root}` first")
         world = json.loads((root / "world.json").read_text())
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("roots", nargs="+", help="quickstart output folders (one per seed)")
     ap.add_argument("--out", required=True, help="path prefix of the .md and .png written")
+    ap.add_argument("--report", default="report", help="report folder inside each root (launch/attack.py --out)")
     a = ap.parse_args(argv)
-    reports = load_reports(a.roots)
+    reports = load_reports(a.roots, a.report)
     table = aggregate_table(reports)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".md").write_text(table)
