@@ -78,8 +78,8 @@ def aggregate_table(reports: list[dict]) -> str:
     per = {m: [_metrics(r["report"][m]) for r in reports if m in r["report"]] for m in methods}
     columns = [c for c in _metrics(reports[0]["report"][methods[0]])]
     seeds = ", ".join(str(r["seed"]) for r in reports)
-    lines = [f"Mean ± sd over seeds {seeds} ({len(reports)} runs); CHAIR, recall, BLEU-4, POPE F1 in %; "
-             "relearn n / LoRA: CHAIR_S (%) after the attack.", "",
+    lines = [(f"Mean ± sd over seeds {seeds} ({len(reports)} runs); CHAIR, recall, BLEU-4, POPE F1 in %; "
+              "relearn n / LoRA: CHAIR_S (%) after the attack."), "",
              "| method | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for m in methods:
         cells = [_fmt([x[c] for x in per[m] if c in x], 4 if c == "sharpness gap" else 1) for c in columns]
@@ -95,8 +95,8 @@ def aggregate_table(reports: list[dict]) -> str:
         lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
     kinds = {m: [k for k in (hallucination_kinds(r["root"], m) for r in reports) if k] for m in methods}
     if all(kinds.values()):
-        lines += ["", "Hallucinated objects per 100 held-out captions (unattacked): absent partners of drawn "
-                  "triggers / other objects:", "", "| method | partner | other |", "| --- | --- | --- |"]
+        lines += ["", ("Hallucinated objects per 100 held-out captions (unattacked): absent partners of drawn "
+                       "triggers / other objects:"), "", "| method | partner | other |", "| --- | --- | --- |"]
         lines += [f"| {m} | {_fmt([k['partner'] for k in kinds[m]], 1)} | {_fmt([k['other'] for k in kinds[m]], 1)} |"
                   for m in methods]
     return "\n".join(lines) + "\n"

@@ -92,7 +92,7 @@ def build_world(root: str | Path, preset: str = "full", seed: int = 0, world: To
         "seeds": {"captioner": seed, "clip": seed, "curation_scenes": seed + 100, "eval_scenes": seed + 200},
         "captioner": str(root / "models" / "captioner"), "clip": str(clip_dir),
         "captioner_reused": captioner["reused"], "captioner_final_loss": captioner["final_loss"],
-        "curation_scenes": curation, "eval_scenes": str(root / "scenes" / "eval"),
+        "curation_scenes": curation, "eval_scenes": str(root / "scenes" / "eval"), "eval_files": evaluation,
         "thresholds": {k: thresholds[k] for k in ("t0", "t1", "t2", "pos_precision", "neg_precision")},
         "curate_overrides": overrides, "timings": timings,
     }
