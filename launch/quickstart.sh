@@ -19,17 +19,19 @@
 #       <out>/world.json and every run's config.yaml. Outputs: <out> (default runs/toy, runs/toy-ci).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
 PRESET=full SEED=0 OUT=""
+need_value() { [ $# -ge 2 ] || { echo "quickstart.sh: $1 needs a value (--seed N, --out DIR)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --ci) PRESET=ci ;;
-    --seed) SEED="$2"; shift ;;
-    --out) OUT="$2"; shift ;;
+    --seed) need_value "$@"; SEED="$2"; shift ;;
+    --out) need_value "$@"; OUT="$(realpath -m "$2")"; shift ;;  # relative to where it was called from
     *) echo "quickstart.sh: unknown argument $1 (use --ci, --seed N, --out DIR)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$SEED" in ''|*[!0-9]*) echo "quickstart.sh: --seed $SEED: use a whole number >= 0" >&2; exit 2 ;; esac
+cd "$ROOT"
 if [ "$PRESET" = ci ]; then
   OUT="${OUT:-runs/toy-ci}"; METHODS="efuf sare"; SIZES=60; LORA=false
 else
@@ -65,14 +67,14 @@ step "curating the captioner's descriptions (launch/curate.py)"
 
 # A free port for the launcher's rendezvous: another job on this machine may hold deepspeed's 29500.
 PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-RUNS=(--run base)
+RUNS=(--run base) METHODS=(--method base)
 for M in $METHODS; do
   NAME="$(echo "$M" | tr a-z A-Z)"
   step "training $NAME: deepspeed, $RANKS ranks, ZeRO-3 ($DS_CONFIG)"
   "$VENV/bin/deepspeed" --num_gpus "$RANKS" --master_port "$PORT" launch/train.py --config launch/configs/toy.yaml \
     model.name_or_path="$CAPTIONER" data.shards="$OUT/curated" method.name="$M" optim.seed="$SEED" \
     output.run_dir="$OUT/runs/$M" distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" logging.progress_bar=false
-  RUNS+=(--run "$NAME=$OUT/runs/$M")
+  RUNS+=(--run "$NAME=$OUT/runs/$M"); METHODS+=(--method "$NAME=$OUT/runs/$M")
 done
 
 step "evaluating base and unlearned models on held-out scenes (launch/evaluate.py)"
@@ -80,7 +82,7 @@ step "evaluating base and unlearned models on held-out scenes (launch/evaluate.p
   --max-new-tokens 40 --batch-size 32 --out "$OUT/eval"
 
 step "attacks and report (launch/attack.py)"
-"$PY" launch/attack.py "${RUNS[@]/--run/--method}" --base "$CAPTIONER" --scenes "$OUT/scenes/eval" \
+"$PY" launch/attack.py "${METHODS[@]}" --base "$CAPTIONER" --scenes "$OUT/scenes/eval" \
   --data "$OUT/curated" --relearn-sizes "$SIZES" --relearn-lr 1e-3 --lora "$LORA" --lora-lr 1e-3 \
   --adversarial false --seed "$SEED" --eval-max-new-tokens 40 --eval-batch-size 32 --out "$OUT/report" >/dev/null
 

@@ -10,16 +10,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${SARE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" OMP_NUM_THREADS=1
+# The machine's settings, as launch/quickstart.sh picks them (the runs compared must match).
+NUM_GPUS="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
+if [ "$NUM_GPUS" -gt 0 ]; then
+  export DS_ACCELERATOR=cuda; RANKS="$NUM_GPUS"; DS_CONFIG=ds_configs/zero3_bf16.json; DTYPE=bfloat16
+else
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1; RANKS=2; DS_CONFIG=ds_configs/zero3_cpu_fp32.json; DTYPE=float32
+fi
 PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 for OUT in "$@"; do
   [ -f "$OUT/world.json" ] || { echo "$OUT: no world.json; run bash launch/quickstart.sh --out $OUT first" >&2; exit 2; }
   SEED="$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['seed'])" "$OUT/world.json")"
   METHODS=(--method "EFUF=$OUT/runs/efuf" --method "SARE=$OUT/runs/sare")
   for RHO in 0.2 0.5; do
-    "$VENV/bin/deepspeed" --num_gpus 2 --master_port "$PORT" launch/train.py --config launch/configs/toy.yaml \
+    "$VENV/bin/deepspeed" --num_gpus "$RANKS" --master_port "$PORT" launch/train.py --config launch/configs/toy.yaml \
       model.name_or_path="$OUT/models/captioner" data.shards="$OUT/curated" method.name=sare method.rho="$RHO" \
-      optim.seed="$SEED" output.run_dir="$OUT/runs/sare_rho$RHO" distributed.ds_config=ds_configs/zero3_cpu_fp32.json \
+      optim.seed="$SEED" output.run_dir="$OUT/runs/sare_rho$RHO" distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" \
       logging.progress_bar=false
     METHODS+=(--method "SARE-rho$RHO=$OUT/runs/sare_rho$RHO")
   done

@@ -87,6 +87,8 @@ def test_world_rejects_bad_parameters():
         ToyWorld(max_objects=5)
     with pytest.raises(ValueError, match="no look"):
         ToyWorld(categories=["dog", "giraffe"])
+    with pytest.raises(ValueError, match="at least 10 distinct"):
+        ToyWorld(categories=["dog", "cat", "car"])
 
 
 def test_scene_sets_are_reused_and_rebuilt_on_a_new_key(tmp_path):
@@ -130,6 +132,46 @@ def test_results_aggregate_seeds(tmp_path):
     assert plot_curves(reports, tmp_path / "curve.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="quickstart"):
         load_reports([tmp_path / "nowhere"])
+    # A run of another design (here: another relearning size) is refused, naming the folder.
+    odd = tmp_path / "seed1" / "report" / "report.json"
+    report = json.loads(odd.read_text())
+    report["SARE"]["relearn"] = {"100": {"CHAIR_S": 0.3}}
+    odd.write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="seed1 differs"):
+        load_reports(roots)
+
+
+def test_captioner_is_reused_on_the_same_key_and_rebuilt_on_another(tmp_path, monkeypatch):
+    from sare_ds.toy import mllm, world as world_mod
+
+    calls = []
+
+    def fake_train(out_dir, world, cfg, log=print):  # stands in for minutes of training
+        calls.append(world.caption_noise)
+        (out_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text("{}")
+        return {"final_loss": 0.1}
+
+    monkeypatch.setattr(mllm, "train_toy_captioner", fake_train)
+    out = tmp_path / "captioner"
+    first = world_mod.build_captioner(out, ToyWorld(), "ci", 0, log=lambda *_: None)
+    again = world_mod.build_captioner(out, ToyWorld(), "ci", 0, log=lambda *_: None)
+    other = world_mod.build_captioner(out, ToyWorld(caption_noise=0.5), "ci", 0, log=lambda *_: None)
+    assert (first["reused"], again["reused"], other["reused"]) == (False, True, False)
+    assert calls == [0.75, 0.5]
+    (out / "config.json").unlink()  # weights gone: rebuilt even with the record in place
+    assert world_mod.build_captioner(out, ToyWorld(caption_noise=0.5), "ci", 0, log=lambda *_: None)["reused"] is False
+
+
+def test_96_px_scenes(tmp_path):
+    from sare_ds.toy.clip import patch_size_for
+
+    world = ToyWorld(image_size=96)
+    paths = write_scene_set(tmp_path, world, 8, seed=0)
+    inst = json.loads(Path(paths["instances"]).read_text())
+    assert all(im["width"] == im["height"] == 96 for im in inst["images"])
+    assert all(a["bbox"][0] + a["bbox"][2] <= 96 and a["bbox"][1] + a["bbox"][3] <= 96 for a in inst["annotations"])
+    assert patch_size_for(world) == 24  # curation's windows are one grid cell at any size
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -138,6 +180,7 @@ def test_results_aggregate_seeds(tmp_path):
 def ci_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "toy-ci"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU branch (2 ranks, fp32) whatever the machine has
     proc = subprocess.run(["bash", "launch/quickstart.sh", "--ci", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

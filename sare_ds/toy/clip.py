@@ -258,6 +258,7 @@ def build_toy_clip(out_dir: str | Path, world: ToyWorld | None = None, *, preset
     world = world or ToyWorld()
     out = Path(out_dir)
     key = {"format": FORMAT, "preset": preset, "seed": seed, "params": PRESETS[preset],
+           "scoring": {"top_k": TOP_K, "window_patches": WINDOW_PATCHES, "prompt": PROMPT},
            "architecture": TOY_CLIP_CONFIG, "world": world.to_json()}
     record_path = out / RECORD_FILE
     complete = record_path.is_file() and all((out / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, THRESHOLDS_FILE))

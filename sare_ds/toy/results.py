@@ -28,6 +28,15 @@ def load_reports(roots: list[str | Path], report: str = "report") -> list[dict]:
         world = json.loads((root / "world.json").read_text())
         out.append({"root": str(root), "seed": world["seed"], "preset": world["preset"],
                     "report": json.loads(path.read_text())})
+    # Averages only mean something over runs of one design: same preset, methods and attacks.
+    def design(r):
+        return (r["preset"], list(r["report"]),
+                {m: sorted(v.get("relearn", {}), key=int) for m, v in r["report"].items()})
+
+    for r in out[1:]:
+        if design(r) != design(out[0]):
+            raise ValueError(f"{r['root']} differs from {out[0]['root']} in preset, methods or relearning sizes "
+                             f"({design(r)} vs {design(out[0])}); aggregate runs of one design only")
     return out
 
 

@@ -85,6 +85,10 @@ class ToyWorld:
         unknown = [c for c in self.categories if c not in LOOKS]
         if unknown:
             raise ValueError(f"ToyWorld categories {unknown}: no look defined; use names from {list(LOOKS)}")
+        if len(set(self.categories)) != len(self.categories) or len(self.categories) < 10:
+            raise ValueError(f"ToyWorld categories {self.categories}: need at least 10 distinct names (the scenes "
+                             f"hold up to 4 objects and POPE asks about as many absent ones); use names from "
+                             f"{list(LOOKS)}")
 
     @property
     def order(self) -> dict[str, int]:
