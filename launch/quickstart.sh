@@ -15,7 +15,7 @@
 # 5. attacks them (launch/attack.py): relearning with 60 / 100 / 140 hallucinated samples, LoRA,
 #    sharpness probe; writes the report (table + relearning curve).
 # --ci: the smaller world of the end-to-end test (tests/test_toy_world.py): EFUF and SARE only,
-#       relearning with 60 samples, no LoRA attack, no probe.
+#       relearning with 60 samples, no LoRA attack, no probe, POPE on 120 questions a split.
 # Seeds are fixed (--seed, default 0) and recorded in <out>/world.json and every run's
 # config.yaml. Outputs: <out> (default runs/toy, runs/toy-ci).
 set -euo pipefail
@@ -36,8 +36,9 @@ cd "$ROOT"
 if [ "$PRESET" = ci ]; then
   OUT="${OUT:-runs/toy-ci}"; METHODS="efuf sare"; SIZES=60; LORA=false
   CI_ATTACK=(--probe false --pope-unattacked false)  # evaluate.py already ran POPE; saves ~15 s
+  CI_EVAL=(--pope-limit 120 --perplexity false)
 else
-  OUT="${OUT:-runs/toy}"; METHODS="ft efuf sare"; SIZES=60,100,140; LORA=true; CI_ATTACK=()
+  OUT="${OUT:-runs/toy}"; METHODS="ft efuf sare"; SIZES=60,100,140; LORA=true; CI_ATTACK=() CI_EVAL=()
 fi
 SECONDS=0
 step() { echo -e "\n== [$(printf '%3d' "$SECONDS") s] $* ==" >&2; }
@@ -81,7 +82,7 @@ done
 
 step "evaluating base and unlearned models on held-out scenes (launch/evaluate.py)"
 "$PY" launch/evaluate.py "${RUNS[@]}" --base "$CAPTIONER" --scenes "$OUT/scenes/eval" \
-  --max-new-tokens 40 --batch-size 32 --out "$OUT/eval"
+  --max-new-tokens 40 --batch-size 32 "${CI_EVAL[@]}" --out "$OUT/eval"
 
 step "attacks and report (launch/attack.py)"
 "$PY" launch/attack.py "${ATTACKED[@]}" --base "$CAPTIONER" --scenes "$OUT/scenes/eval" \

@@ -77,5 +77,15 @@ fi
 log "installing sare_ds and its dependencies"
 pip_q install -q -c "$VENV/constraints.txt" -e "$ROOT[test]"
 
+# 5. Without a GPU, DeepSpeed's first launch JIT-compiles its shared-memory all-reduce op for
+#    CPU ranks (~35 s on 2 cores, cached in ~/.cache/torch_extensions); compile it here, once,
+#    so no run or test pays for it. A failure only warns: DeepSpeed then builds it (or goes
+#    without it) at the first launch.
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  log "building DeepSpeed's CPU shared-memory communication op"
+  DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null 2>&1 \
+    || log "warning: could not pre-build DeepSpeed's shm op; the first CPU launch will try again"
+fi
+
 echo "$want_stamp" > "$VENV/.sare_stamp"
 log "environment ready: $VENV"
