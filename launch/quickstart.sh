@@ -48,14 +48,7 @@ bash launch/setup_env.sh
 VENV="${SARE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
-NUM_GPUS="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
-if [ "$NUM_GPUS" -gt 0 ]; then
-  export DS_ACCELERATOR=cuda
-  RANKS="$NUM_GPUS"; DS_CONFIG=ds_configs/zero3_bf16.json; DTYPE=bfloat16
-else
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-  RANKS=2; DS_CONFIG=ds_configs/zero3_cpu_fp32.json; DTYPE=float32
-fi
+source launch/machine.sh  # DS_ACCELERATOR, RANKS, DS_CONFIG, DTYPE, PORT
 
 step "toy world ($PRESET, seed $SEED): captioner, CLIP, scenes (cached in $OUT)"
 env -u OMP_NUM_THREADS "$PY" -m sare_ds.toy.world "$OUT" --preset "$PRESET" --seed "$SEED"
@@ -68,8 +61,6 @@ step "curating the captioner's descriptions (launch/curate.py)"
   model.name_or_path="$CAPTIONER" caption.max_new_tokens=40 caption.batch_size=32 "${CLIP_OVERRIDES[@]}" \
   output.dir="$OUT/curated" output.images_per_chunk=100 output.resume=false
 
-# A free port for the launcher's rendezvous: another job on this machine may hold deepspeed's 29500.
-PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 RUNS=(--run base) ATTACKED=(--method base)
 for M in $METHODS; do
   NAME="$(echo "$M" | tr a-z A-Z)"

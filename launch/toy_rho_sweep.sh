@@ -11,13 +11,7 @@ cd "$ROOT"
 VENV="${SARE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 # The machine's settings, as launch/quickstart.sh picks them (the runs compared must match).
-NUM_GPUS="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
-if [ "$NUM_GPUS" -gt 0 ]; then
-  export DS_ACCELERATOR=cuda; RANKS="$NUM_GPUS"; DS_CONFIG=ds_configs/zero3_bf16.json; DTYPE=bfloat16
-else
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1; RANKS=2; DS_CONFIG=ds_configs/zero3_cpu_fp32.json; DTYPE=float32
-fi
-PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+source launch/machine.sh  # DS_ACCELERATOR, RANKS, DS_CONFIG, DTYPE, PORT
 for OUT in "$@"; do
   [ -f "$OUT/world.json" ] || { echo "$OUT: no world.json; run bash launch/quickstart.sh --out $OUT first" >&2; exit 2; }
   SEED="$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['seed'])" "$OUT/world.json")"

@@ -135,6 +135,9 @@ class _KnownImages:
 
 
 def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    # The trainer's schedule (sare_ds.train.trainer.lr_multiplier) times peak, written with the
+    # product peak * (step+1) / warmup: reusing lr_multiplier rounds 5 of 800 rates differently in
+    # the last bit, and the published toy models must rebuild bit-identically.
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
