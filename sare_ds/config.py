@@ -27,6 +27,7 @@ EFUF_CAPTION_PROMPT = (
     "Please describe the image in great detail. Your response should have at least 100 words."
 )
 METHODS = ("ft", "efuf", "sare")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "runs/toy/models/captioner"
-    """Local directory or hub id of the MLLM (a transformers checkpoint)."""
+    """Local directory or hub id of the MLLM (a transformers checkpoint), or `preset:<name>[,key=value...]`: a
+    published architecture at its true shape, randomly initialised (`python launch/plan.py --list` names them)."""
     family: str = "auto"
     """Adapter family (`auto` reads `model_type` from the checkpoint's config; else e.g. `llava`)."""
     trust_remote_code: bool = False
@@ -55,6 +57,11 @@ class ModelConfig:
     """LoRA dropout (trainable=mapping+lora)."""
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module-name suffixes inside the language model that receive LoRA adapters."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in the backward instead of keeping them (on in the real-model recipes:
+    the backward through a frozen 7B LLM otherwise keeps ~9 MB of bf16 activations per token)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: `sdpa` (torch's fused attention), `eager`, or `flash_attention_2` (needs flash-attn)."""
 
 
 @dataclass
@@ -168,7 +175,8 @@ class OutputConfig:
     resume: bool = False
     """Continue from the latest checkpoint in <run_dir>/checkpoints (same result as an uninterrupted run)."""
     export_hf: bool = True
-    """At the end, export the full model in Hugging Face format to <run_dir>/hf (DeepSpeed runs)."""
+    """At the end, export the full model in Hugging Face format to <run_dir>/hf, loadable by transformers alone
+    (LoRA runs: the adapters merged into the base weights)."""
 
 
 @dataclass
@@ -349,6 +357,14 @@ def validate(cfg: TrainConfig) -> None:
         _require(bool(mo.trainable_regex), "model.trainable_regex", mo.trainable_regex,
                  "trainable=regex needs a pattern", "e.g. model.trainable_regex='multi_modal_projector'")
     _require(mo.lora_r > 0, "model.lora_r", mo.lora_r, "must be > 0", "use 8")
+    _require(mo.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation", mo.attn_implementation,
+             f"must be one of {ATTN_IMPLEMENTATIONS}", "use sdpa")
+    if mo.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        _require(importlib.util.find_spec("flash_attn") is not None, "model.attn_implementation",
+                 mo.attn_implementation, "flash_attention_2 needs the flash-attn package, which is not installed",
+                 "pip install flash-attn --no-build-isolation on a CUDA machine, or use sdpa")
     _require(0 <= mo.lora_dropout < 1, "model.lora_dropout", mo.lora_dropout, "must be in [0, 1)", "use 0.0")
     _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1", "use 1-50")
     _require(d.source in ("shards", "synthetic"), "data.source", d.source, "unknown data source",

@@ -13,7 +13,18 @@ KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
 
 
 class BadSampleError(ValueError):
-    """A sample that cannot be trained on; the message names it and the fix."""
+    """A sample that cannot be trained on; the message names it and the fix. `reason` is the short key
+    skips are counted under (samples skipped for the same rule share it)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message.split(":", 1)[-1].split(";")[0].strip()
+
+
+def skip_report(skipped: dict[str, int]) -> str:
+    """`412 x longer than data.max_length = 512, 3 x ...` (most frequent first), or `none`."""
+    items = sorted(skipped.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{n} x {reason}" for reason, n in items) or "none"
 
 
 @dataclass

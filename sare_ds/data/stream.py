@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterator
 import torch
 import webdataset as wds
 
-from sare_ds.data.samples import KINDS, BadSampleError, Sample
+from sare_ds.data.samples import KINDS, BadSampleError, Sample, skip_report
 from sare_ds.data.shards import (
     CorruptShardError,
     decode_members,
@@ -64,6 +64,10 @@ from sare_ds.data.shards import (
 )
 
 log = logging.getLogger("sare_ds.data.stream")
+
+
+class NoUsableSampleError(CorruptShardError):
+    """Every sample of one kind in a rank's shards was skipped; the message counts the reasons."""
 
 
 class NotEnoughShardsError(ValueError):
@@ -192,6 +196,7 @@ class ShardStream:
         self.num_steps = min(total, max_steps) if max_steps > 0 else total
         if not 0 <= start_step <= self.num_steps:
             raise ValueError(f"start_step = {start_step} is outside [0, {self.num_steps}] steps of this run")
+        self._last_skip: dict[str, str] = {}  # kind -> message of the last sample skipped (for errors)
         self.skipped: dict[str, int] = {}
         """Samples skipped while streaming, by reason (corrupt members, untokenisable samples, top-ups)."""
 
@@ -249,9 +254,17 @@ class ShardStream:
             try:
                 yield self.tokenize(decoded)  # stage 7
             except BadSampleError as e:
-                reason = str(e).split(":", 1)[-1].split(";")[0].strip()
-                stats[reason] = stats.get(reason, 0) + 1
+                stats[e.reason] = stats.get(e.reason, 0) + 1
+                self._last_skip[kind] = str(e)
                 log.warning("skipping %s", e)
+
+    def _no_usable(self, kind: str, node: int, worker: int, stats: dict) -> "NoUsableSampleError":
+        shards = sorted({p[0] if isinstance(p, (tuple, list)) else str(p) for p in self.slots[kind][node][worker]})
+        last = self._last_skip.get(kind)
+        return NoUsableSampleError(
+            f"no usable {kind} sample in the shards of rank {node} worker {worker} ({', '.join(map(str, shards))}): "
+            f"every one was skipped. Skipped so far, by reason: {skip_report(stats)}."
+            + (f" The last one: {last}" if last else " Fix: check the shards with launch/curate.py's manifest."))
 
     def _cycled(self, kind: str, node: int, worker: int, skip: int, stats: dict) -> Iterator[Any]:
         """Endless passes, each reshuffled; `skip` samples passed over (whole passes not even read)."""
@@ -262,8 +275,7 @@ class ShardStream:
                 got += 1
                 yield item
             if got == 0 and cycle > skip // n:
-                raise CorruptShardError(f"no usable {kind} sample in the shards of rank {node} worker {worker}: "
-                                        f"{self.slots[kind][node][worker]}")
+                raise self._no_usable(kind, node, worker, stats)
 
     def _driver(self, node: int, worker: int, epoch: int, skip: int, need: int, stats: dict) -> Iterator[Any]:
         """`need` samples of this epoch's pass; a pass left short by skipped samples is topped up from a
@@ -285,8 +297,7 @@ class ShardStream:
                 stats["topped_up"] = stats.get("topped_up", 0) + 1
                 yield item
             if got == before:
-                raise CorruptShardError(f"no usable {self.driver} sample in the shards of rank {node} worker "
-                                        f"{worker}: {self.slots[self.driver][node][worker]}")
+                raise self._no_usable(self.driver, node, worker, stats)
 
     def worker_steps(self, node: int, worker: int, start_step: int = 0) -> Iterator[tuple[list, dict]]:
         """(step, skip counters) for the steps p of this rank with p % W == worker, p >= start_step."""

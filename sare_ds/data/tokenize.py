@@ -76,9 +76,9 @@ def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample
     labels = labels[:pos] + [IGNORE_INDEX] * n + labels[pos + 1:]
     if len(ids) > max_length:
         raise BadSampleError(
-            f"sample (image {sample.image_id}): {len(ids)} tokens exceed data.max_length = {max_length}; "
-            "fix: raise data.max_length or shorten the caption"
-        )
+            f"sample (image {sample.image_id}): {len(ids)} tokens ({n} of them the image's) exceed data.max_length = "
+            f"{max_length}; fix: raise data.max_length (the launch/configs/ recipe of this model sets one that fits) "
+            "or shorten the caption", reason=f"longer than data.max_length = {max_length}")
     if all(l == IGNORE_INDEX for l in labels):
         raise BadSampleError(f"sample (image {sample.image_id}): the target span has no tokens; fix: drop it")
     return TokenizedSample(
@@ -89,6 +89,25 @@ def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample
         score=float(sample.score),
         image_id=sample.image_id,
     )
+
+
+# Probe images for the fixed part of a sample's length: square, landscape 4:3, portrait 3:4
+# (LLaVA-NeXT's image token count depends on the aspect ratio; LLaVA-1.5's does not).
+PROBE_SIZES = ((336, 336), (640, 480), (480, 640))
+TYPICAL_CAPTION_TOKENS = 150  # a 100-word caption, as EFUF's prompt asks for (~1.3 tokens a word)
+
+
+def fixed_sample_tokens(adapter, prompt: str) -> dict[str, int]:
+    """Tokens every sample of `prompt` has before its caption text: BOS + chat template + prompt, and
+    the image's positions (min and max over PROBE_SIZES)."""
+    from PIL import Image
+
+    text = adapter.render(adapter.conversation(prompt), add_generation_prompt=True)
+    ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
+    image_tokens = [adapter.image_inputs(Image.new("RGB", size)).num_image_tokens for size in PROBE_SIZES]
+    # The placeholder itself is replaced by the image's positions; BOS is added in front.
+    text_tokens = len(ids) - ids.count(adapter.image_token_id) + 1
+    return {"text": text_tokens, "image_min": min(image_tokens), "image_max": max(image_tokens)}
 
 
 def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

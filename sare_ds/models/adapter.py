@@ -22,6 +22,31 @@ class UnknownModelLayoutError(ValueError):
     """No adapter knows this checkpoint's layout."""
 
 
+class WeightsMismatchError(ValueError):
+    """A checkpoint lacks weights the model needs, or holds weights of another shape."""
+
+
+def _listing(keys: list[str], k: int = 8) -> str:
+    return ", ".join(keys[:k]) + (f" and {len(keys) - k} more" if len(keys) > k else "")
+
+
+def check_loading_info(info: dict, source: str, log) -> dict[str, list[str]]:
+    """Refuse missing or mis-shaped weights (they would silently be random); report unexpected ones by name."""
+    missing = sorted(info.get("missing_keys", []))
+    mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys", []))
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if missing or mismatched:
+        raise WeightsMismatchError(
+            f"{source}: {len(missing)} weights of the model are missing from the checkpoint ({_listing(missing)}) and "
+            f"{len(mismatched)} have another shape ({_listing(mismatched)}); they would be random. Fix: point "
+            "model.name_or_path at the complete checkpoint of this architecture (an original-layout LLaVA or "
+            "ShareGPT4V checkpoint: convert it with `python -m sare_ds.models.convert`).")
+    if unexpected:
+        log.warning("%s: %d checkpoint weights are not used by the model and were ignored: %s",
+                    source, len(unexpected), _listing(unexpected))
+    return {"missing": missing, "mismatched": mismatched, "unexpected": unexpected}
+
+
 def register_adapter(cls: type["MLLMAdapter"]) -> type["MLLMAdapter"]:
     for model_type in cls.model_types:
         _REGISTRY[model_type] = cls
@@ -60,16 +85,25 @@ class MLLMAdapter(ABC):
     language_model_pattern: ClassVar[str] = r"language_model"
     """Regex of module names inside the LLM (LoRA targets are restricted to it)."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, source: str):
+    def __init__(self, model: torch.nn.Module, processor: Any, source: str, loading: dict | None = None):
         self.model = model
         self.processor = processor
         self.source = source
+        self.loading = loading or {}
+        """What loading found: missing / mismatched / unexpected weight names (empty when built from a config)."""
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> "MLLMAdapter":
-        """Model + processor from a local directory or hub id."""
+    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False,
+             **model_kwargs) -> "MLLMAdapter":
+        """Model + processor from a local directory or hub id; every model weight must be found."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config, processor, dtype: torch.dtype, source: str, *, device=None,
+                    **model_kwargs) -> "MLLMAdapter":
+        """A randomly initialised model of `config` (device="meta": shapes only, no memory)."""
 
     # -- text ----------------------------------------------------------------------------
     @property

@@ -7,9 +7,14 @@ no per-variant arithmetic lives here.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from sare_ds.models.adapter import ImageInputs, MLLMAdapter, register_adapter
+from sare_ds.models.adapter import ImageInputs, MLLMAdapter, check_loading_info, register_adapter
+
+log = logging.getLogger("sare_ds.models")
+PRESET_INIT_SEED = 0  # presets are randomly initialised from a fixed seed: the same weights every build
 
 
 @register_adapter
@@ -25,14 +30,31 @@ class LlavaAdapter(MLLMAdapter):
         return LlavaForConditionalGeneration
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> "LlavaAdapter":
+    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False,
+             **model_kwargs) -> "LlavaAdapter":
         from transformers import AutoProcessor
 
-        model = cls._model_class().from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        model, info = cls._model_class().from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **model_kwargs)
+        loading = check_loading_info(info, f"model.name_or_path = {name_or_path!r}", log)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return cls(model, processor, name_or_path)
+        return cls(model, processor, name_or_path, loading)
+
+    @classmethod
+    def from_config(cls, config, processor, dtype: torch.dtype, source: str, *, device=None,
+                    **model_kwargs) -> "LlavaAdapter":
+        model_cls = cls._model_class()
+        if device is not None and str(device) == "meta":
+            with torch.device("meta"):
+                model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
+        else:
+            # Under a live HfDeepSpeedConfig (ZeRO-3) _from_config builds inside zero.Init, so each
+            # rank materialises only its partition, then initialises the weights layer by layer.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(PRESET_INIT_SEED)
+                model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
+        model.generation_config.pad_token_id = config.pad_token_id
+        return cls(model, processor, source)
 
     @property
     def image_token_id(self) -> int:

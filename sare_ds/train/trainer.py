@@ -6,8 +6,8 @@ One process (`distributed.ds_config` empty: PlainParameterSpace) or DeepSpeed Ze
 any number of ranks (Zero{2,3}ParameterSpace); the step and the loop are the same code.
 Writes into `output.run_dir` (rank 0): config.yaml (resolved), metrics.jsonl, tb/,
 data.json (samples per kind, skipped samples by reason), trainable.safetensors (the trained
-parameters by name), summary.json, and with DeepSpeed checkpoints/ and hf/ (the full model
-in Hugging Face format).
+parameters by name), summary.json, hf/ (the full model in Hugging Face format; LoRA merged
+into the base weights) and with DeepSpeed checkpoints/.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 import kernels
-from sare_ds.config import TrainConfig, save_config
-from sare_ds.data.samples import KINDS, BadSampleError
+from sare_ds.config import ConfigError, TrainConfig, save_config
+from sare_ds.data.samples import KINDS, BadSampleError, skip_report
 from sare_ds.data.steps import StepComposer, per_step_counts
-from sare_ds.data.tokenize import tokenize_sample
+from sare_ds.data.tokenize import TYPICAL_CAPTION_TOKENS, fixed_sample_tokens, tokenize_sample
 from sare_ds.dist import DistInfo, barrier, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
 from sare_ds.train.logging import MetricLogger
@@ -91,8 +91,7 @@ def tokenize_all(samples, adapter, max_length: int):
         try:
             t = tokenize_sample(s, adapter, max_length)
         except BadSampleError as e:
-            reason = str(e).split(":", 1)[-1].split(";")[0].strip()
-            skipped[reason] = skipped.get(reason, 0) + 1
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
             log.warning("skipping %s", e)
             continue
         by_kind[s.kind].append(t)
@@ -119,11 +118,44 @@ def build_data(cfg: TrainConfig, adapter, info: DistInfo, start_step: int):
 
     samples = generate_samples(cfg.data.num_images, cfg.data.image_size, cfg.data.prompt, cfg.optim.seed)
     by_kind, skipped = tokenize_all(samples, adapter, cfg.data.max_length)
+    for kind, n in per_step.items():
+        if n > 0 and not by_kind[kind]:
+            raise BadSampleError(f"no usable {kind} sample among the {len(samples)} generated ones: every one was "
+                                 f"skipped. Skipped, by reason: {skip_report(skipped)}; the warnings above name the fix")
     composer = StepComposer(by_kind, per_step, cfg.optim.grad_accum_steps, cfg.optim.epochs, cfg.optim.seed,
                             cfg.optim.max_steps, rank=info.rank, world_size=info.world_size, start_step=start_step)
     report = {"source": "synthetic", "samples": {k: len(v) for k, v in by_kind.items()}, "skipped": skipped,
               "steps": len(composer)}
     return composer, report
+
+
+def check_max_length(cfg: TrainConfig, adapter) -> dict[str, int]:
+    """Refuse a data.max_length that no sample can fit (image + prompt + template before any caption)."""
+    fixed = fixed_sample_tokens(adapter, cfg.data.prompt)
+    least = fixed["text"] + fixed["image_min"] + 1  # at least one target token
+    suggest = 1 << math.ceil(math.log2(fixed["text"] + fixed["image_max"] + TYPICAL_CAPTION_TOKENS + 64))
+    if cfg.data.max_length < least:
+        raise ConfigError(
+            f"data.max_length = {cfg.data.max_length} is invalid: a sample of {cfg.model.name_or_path} needs at least "
+            f"{least} tokens before any caption text ({fixed['image_min']} image tokens + {fixed['text']} of prompt and "
+            f"chat template), so every sample would be skipped. Fix: data.max_length={suggest} (room for a 100-word "
+            "caption; the recipes in launch/configs/ set it per model)")
+    typical = fixed["text"] + fixed["image_max"] + TYPICAL_CAPTION_TOKENS
+    if cfg.data.max_length < typical:
+        log.warning("data.max_length = %d leaves %d tokens for caption text after the image (up to %d tokens) and "
+                    "prompt (%d): long captions will be skipped (counted in data.json); data.max_length=%d fits a "
+                    "100-word caption", cfg.data.max_length, cfg.data.max_length - fixed["text"] - fixed["image_max"],
+                    fixed["image_max"], fixed["text"], suggest)
+    return fixed
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far: the CUDA allocator's on a GPU, the resident set's on a CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 # ------------------------------------------------------------------------------ runtimes
@@ -197,10 +229,47 @@ def export_hf(rt: Runtime, adapter, out_dir: Path) -> None:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     if rt.dist.is_main:
         module = rt.engine.module if rt.engine is not None else rt.model
-        if hasattr(module, "merge_and_unload"):
-            log.warning("LoRA run: hf/ holds the PEFT model (adapters + base weights); load it with peft")
+        if hasattr(module, "peft_config"):
+            # LoRA run: merge W + (alpha / r) B A into the base weights, so hf/ is a plain checkpoint of
+            # the trained model (trained projector included) that transformers loads alone.
+            state = merge_lora_state(state, module.peft_config)
+            module = module.get_base_model()
+            log.info("LoRA run: hf/ holds the merged model (LoRA folded into the base weights)")
         module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         adapter.processor.save_pretrained(out_dir)
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], peft_config: dict) -> dict[str, torch.Tensor]:
+    """A PEFT model's state dict -> its base model's, with every LoRA pair folded into its weight.
+
+    W' = W + scale * B @ A (scale = lora_alpha / r, or / sqrt(r) with rsLoRA), computed in fp32 and
+    cast to W's dtype; names lose PEFT's `base_model.model.` prefix and `.base_layer` infix.
+    """
+    if list(peft_config) != ["default"]:
+        raise ValueError(f"LoRA export supports one adapter named 'default', found {list(peft_config)}")
+    lcfg = peft_config["default"]
+    scale = lcfg.lora_alpha / (math.sqrt(lcfg.r) if getattr(lcfg, "use_rslora", False) else lcfg.r)
+    prefix = "base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.default.weight"
+            if name.endswith(marker):
+                pairs.setdefault(name[: -len(marker)], {})[part] = value
+                break
+        else:
+            out[name.replace(".base_layer.", ".")] = value
+    for module_name, ab in pairs.items():
+        weight_key = f"{module_name}.weight"
+        if set(ab) != {"lora_A", "lora_B"} or weight_key not in out:
+            raise ValueError(f"LoRA export: {module_name} has {sorted(ab)} and base weight "
+                             f"{'present' if weight_key in out else 'missing'}; the state dict is incomplete")
+        w = out[weight_key]
+        delta = ab["lora_B"].float() @ ab["lora_A"].float()
+        out[weight_key] = (w.float() + scale * delta).to(w.dtype)
+    return out
 
 
 def save_checkpoint(rt: Runtime, run_dir: Path, step: int) -> None:
@@ -256,6 +325,7 @@ def train(cfg: TrainConfig) -> Path:
 
             hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
     adapter = load_mllm(cfg.model)
+    fixed_tokens = check_max_length(cfg, adapter)
     trainable_names = select_trainable(adapter, cfg.model)
     model = adapter.model
     model.train()
@@ -279,7 +349,9 @@ def train(cfg: TrainConfig) -> Path:
         batches, _ = build_data(cfg, adapter, info, start)  # the data position of the checkpoint
     if info.is_main:
         (run_dir / "data.json").write_text(json.dumps(
-            {**data_report, "world_size": info.world_size, "trainable": trainable_names}, indent=1, default=str))
+            {**data_report, "world_size": info.world_size, "fixed_sample_tokens": fixed_tokens,
+             "unused_checkpoint_weights": adapter.loading.get("unexpected", []), "trainable": trainable_names},
+            indent=1, default=str))
 
     logger = MetricLogger(run_dir, cfg.logging, total, enabled=info.is_main)
     logger.advance(start)
@@ -305,6 +377,7 @@ def train(cfg: TrainConfig) -> Path:
                     "perf/samples_per_s": world * samples_since / elapsed,
                     "perf/tokens_per_s": world * tokens_since / elapsed,
                     **{f"perf/phase/{k}": v / n for k, v in phases.items()},
+                    "perf/peak_mem_gb": peak_memory_gb(rt.device),
                 })
                 t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
                 if not all(math.isfinite(v) for v in last.values()):
@@ -331,11 +404,11 @@ def train(cfg: TrainConfig) -> Path:
         if info.is_main and status != RUNNING:
             (run_dir / "summary.json").write_text(json.dumps({
                 "status": status, "steps": total, "method": cfg.method.name, "world_size": info.world_size,
-                "last_metrics": last,
+                "peak_memory_gb": peak_memory_gb(rt.device), "last_metrics": last,
             }, indent=1))
     if use_ds:
         save_checkpoint(rt, run_dir, total)
-        if cfg.output.export_hf:
-            export_hf(rt, adapter, run_dir / "hf")
+    if cfg.output.export_hf:
+        export_hf(rt, adapter, run_dir / "hf")
     barrier()
     return run_dir
