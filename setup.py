@@ -16,9 +16,14 @@ setup(
         # torch is deliberately unpinned here: launch/setup_env.sh pins it through a
         # constraint file (CPU wheel on CPU machines, the machine's own CUDA build on GPUs).
         "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.48",
+        # ZeRO-3 internals of 0.19 (safe_get_local_*, ds_tensor, persistent partition/gather), each use
+        # pinned by a reference test; older releases differ there.
+        "deepspeed>=0.19",
+        # transformers 5: from_pretrained/_from_config(dtype=...), model.model.{vision_tower,
+        # multi_modal_projector,language_model}, loading info of renamed keys, tokenizer extra_special_tokens.
+        "transformers>=5.0",
         "tokenizers",
+        "protobuf",  # reading SentencePiece tokenizer.model files (sare_ds.models.convert)
         "peft",
         "open_clip_torch",
         "webdataset",
@@ -33,5 +38,6 @@ setup(
         "nltk",  # BLEU (corpus_bleu); no nltk data is downloaded
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    # sentencepiece: the converter's tokenizer is checked against the library itself.
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "sentencepiece"]},
 )

@@ -181,8 +181,11 @@ def test_family_mismatch_refused_before_any_weight(tmp_path, monkeypatch):
         load_mllm(ModelConfig(name_or_path=str(tmp_path), family="llava"))
 
 
-def test_original_llava_layout_points_at_the_converter(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama", "mm_vision_tower": "x"}))
+@pytest.mark.parametrize("model_type", ["llava", "llava_llama", "share4v"])
+def test_original_llava_layout_points_at_the_converter(tmp_path, model_type):
+    # liuhaotian's LLaVA-1.5 configs say model_type "llava" too: the flat mm_* layout gives them away.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 4096,
+                                                      "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
     with pytest.raises(UnknownModelLayoutError, match="original LLaVA.*python -m sare_ds.models.convert"):
         load_mllm(ModelConfig(name_or_path=str(tmp_path)))
 
@@ -255,3 +258,39 @@ def test_config_error_is_one_line(tmp_path):
     assert lines == ["launch/train.py: error: method.rho = -1.0 is invalid: the perturbation radius must be >= 0. "
                      "Fix: use 0.05 (paper); 0 reduces SARE to EFUF"], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- memory options
+
+@pytest.mark.parametrize("checkpointing, forwards_per_layer", [(False, 1), (True, 2)])
+def test_gradient_checkpointing_recomputes_in_the_backward(checkpointing, forwards_per_layer):
+    """With checkpointing on, each LLM layer runs again during the backward (activations not kept)."""
+    adapter = load_mllm(ModelConfig(name_or_path="preset:llava-1.5-7b-reduced", gradient_checkpointing=checkpointing))
+    select_trainable(adapter, ModelConfig())
+    model = adapter.model.train()
+    calls = []
+    # transformers checkpoints the layer's `forward` (its own hooks stay outside); a submodule's run again.
+    # (pre-hook: the recompute stops early once every saved tensor is back, before the MLP returns)
+    model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    image = adapter.image_inputs(Image.new("RGB", (64, 64)))
+    ids = torch.tensor([[1] + [adapter.image_token_id] * image.num_image_tokens + [5, 6, 7]])
+    out = model(input_ids=ids, pixel_values=image.tensors["pixel_values"], labels=ids.clamp(max=31999))
+    out.loss.backward()
+    assert len(calls) == forwards_per_layer
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attn_implementation_reaches_the_model(impl):
+    adapter = load_mllm(ModelConfig(name_or_path="preset:llava-1.5-7b-reduced", attn_implementation=impl),
+                        device="meta")
+    assert adapter.model.config.text_config._attn_implementation == impl
+
+
+def test_flash_attention_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package.*Fix: .*sdpa"):
+        load_config(None, ["model.attn_implementation=flash_attention_2"])

@@ -136,6 +136,15 @@ def test_world_size_one_equals_two(sare_zero3, tiny_model_dir, tmp_path):
     assert_same_run(sare_zero3, tmp_path)
 
 
+def test_gradient_checkpointing_zero3_equals_plain_backward(sare_zero3, tiny_model_dir, tmp_path):
+    """ZeRO-3 on 2 ranks: the SARE step with gradient checkpointing (recomputes gather the partitions
+    again, also inside the perturbed pass) == without, fp32, to 1e-6."""
+    launch("torchrun", common(tiny_model_dir, tmp_path, Z3, "model.gradient_checkpointing=true",
+                              "output.export_hf=false"))
+    assert load_config(tmp_path / "config.yaml").model.gradient_checkpointing
+    assert_same_run(sare_zero3, tmp_path, rtol=1e-6)
+
+
 def test_zero2_equals_zero3(sare_zero3, tiny_model_dir, tmp_path):
     launch("torchrun", common(tiny_model_dir, tmp_path, Z2, "output.export_hf=false"))
     assert_same_run(sare_zero3, tmp_path)

@@ -32,15 +32,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 log = logging.getLogger("sare_ds.models")
 
 # Layouts that are LLaVA but not in the transformers (llava-hf) format.
-ORIGINAL_LAYOUTS = {"llava_llama", "llava_mistral", "llava_mpt", "share4v"}
+ORIGINAL_LAYOUTS = {"llava_original", "llava_llama", "llava_mistral", "llava_mpt", "share4v"}
 
 
 def checkpoint_model_type(name_or_path: str, trust_remote_code: bool = False) -> str:
-    """`model_type` of a checkpoint, read from its config.json (no weights, no modelling code)."""
+    """`model_type` of a checkpoint, read from its config.json (no weights, no modelling code).
+
+    An original-layout LLaVA / ShareGPT4V config (LLaVA's own `mm_*` fields on a flat Llama config, no
+    `text_config`) is reported as `llava_original` whatever its model_type says (liuhaotian's
+    checkpoints say `llava`, like transformers' layout)."""
     path = Path(name_or_path)
     if (path / "config.json").is_file():
         try:
-            return str(json.loads((path / "config.json").read_text())["model_type"])
+            raw = json.loads((path / "config.json").read_text())
+            if "text_config" not in raw and any(k in raw for k in ("mm_vision_tower", "mm_projector_type")):
+                return "llava_original"
+            return str(raw["model_type"])
         except (ValueError, KeyError) as e:
             raise OSError(f"model.name_or_path = {name_or_path!r}: {path / 'config.json'} has no readable "
                           f"`model_type` ({e}); fix: point it at a transformers checkpoint directory") from e

@@ -66,6 +66,45 @@ def adapter_class(family_or_model_type: str, source: str) -> type["MLLMAdapter"]
         ) from None
 
 
+@torch.no_grad()
+def seeded_random_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Random weights that depend only on (seed, parameter name): normalisation weights 1, biases and
+    normalisation shifts 0, every other tensor N(0, std^2) from a generator seeded by its name.
+
+    The same in one process and under ZeRO-3 (each parameter is gathered, filled on rank 0 and
+    partitioned again), whatever order or context the modules were built in; so a preset trained
+    on 2 ranks starts from exactly the weights of the single-process reference.
+    """
+    import hashlib
+
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    gather = None
+    if partitioned:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for name, p in model.named_parameters():
+        ctx = gather([p], modifier_rank=0) if gather is not None and hasattr(p, "ds_id") else None
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            if ctx is None or rank == 0:
+                leaf = name.rsplit(".", 1)
+                is_norm = len(leaf) == 2 and re.search(r"(norm|ln_|layernorm)", leaf[0].rsplit(".", 1)[-1].lower())
+                if is_norm and leaf[1] == "weight":
+                    p.fill_(1.0)
+                elif leaf[-1] == "bias":
+                    p.zero_()
+                else:
+                    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+                    gen = torch.Generator(device=p.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                    p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * std)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+
+
 @dataclass
 class ImageInputs:
     """Model inputs of one image, and how many LLM positions its placeholder expands to."""

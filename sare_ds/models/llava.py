@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from sare_ds.models.adapter import ImageInputs, MLLMAdapter, check_loading_info, register_adapter
+from sare_ds.models.adapter import ImageInputs, MLLMAdapter, check_loading_info, register_adapter, seeded_random_init
 
 log = logging.getLogger("sare_ds.models")
 PRESET_INIT_SEED = 0  # presets are randomly initialised from a fixed seed: the same weights every build
@@ -49,10 +49,10 @@ class LlavaAdapter(MLLMAdapter):
                 model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
         else:
             # Under a live HfDeepSpeedConfig (ZeRO-3) _from_config builds inside zero.Init, so each
-            # rank materialises only its partition, then initialises the weights layer by layer.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(PRESET_INIT_SEED)
-                model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
+            # rank materialises only its partition. Its own random init depends on how the model was
+            # built, so the weights are then set from (seed, name) alone: the same in every layout.
+            model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
+            seeded_random_init(model, PRESET_INIT_SEED)
         model.generation_config.pad_token_id = config.pad_token_id
         return cls(model, processor, source)
 
