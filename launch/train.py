@@ -24,7 +24,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 
 import sare_ds  # noqa: E402,F401  (torchvision guard before transformers)
 from sare_ds.config import ConfigError, TrainConfig, field_docs, load_config  # noqa: E402
-from sare_ds.dist import shutdown  # noqa: E402
+from sare_ds.dist import exit_process, shutdown  # noqa: E402
 
 
 def _epilog() -> str:
@@ -85,4 +85,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # main() has torn the process groups down and every file is written: leave without the
+    # interpreter's teardown, which can abort on gloo's threads (sare_ds.dist.exit_process).
+    exit_process(code)

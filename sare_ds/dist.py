@@ -86,3 +86,26 @@ def shutdown() -> None:
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Leave now with `code`, after `shutdown()`: flush stdio, finalise MPI if it was started, then
+    `os._exit`, skipping interpreter teardown.
+
+    Even with the process groups destroyed, gloo worker threads were still seen torn down while
+    joinable at interpreter exit under mpirun on a loaded machine ("terminate called without an
+    active exception", SIGABRT after the run had finished and written everything). Nothing is
+    left to do at that point but to leave with the run's own exit code.
+    """
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
