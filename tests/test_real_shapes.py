@@ -268,15 +268,19 @@ def test_gradient_checkpointing_recomputes_in_the_backward(checkpointing, forwar
     adapter = load_mllm(ModelConfig(name_or_path="preset:llava-1.5-7b-reduced", gradient_checkpointing=checkpointing))
     select_trainable(adapter, ModelConfig())
     model = adapter.model.train()
-    calls = []
+    calls, vision_calls = [], []
     # transformers checkpoints the layer's `forward` (its own hooks stay outside); a submodule's run again.
     # (pre-hook: the recompute stops early once every saved tensor is back, before the MLP returns)
     model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.model.vision_tower.encoder.layers[0].mlp.register_forward_pre_hook(
+        lambda *_: vision_calls.append(1))
     image = adapter.image_inputs(Image.new("RGB", (64, 64)))
     ids = torch.tensor([[1] + [adapter.image_token_id] * image.num_image_tokens + [5, 6, 7]])
     out = model(input_ids=ids, pixel_values=image.tensors["pixel_values"], labels=ids.clamp(max=31999))
     out.loss.backward()
     assert len(calls) == forwards_per_layer
+    # The frozen vision tower is upstream of everything trainable: the backward never enters it.
+    assert len(vision_calls) == 1
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 

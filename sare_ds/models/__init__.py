@@ -124,6 +124,11 @@ def enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also hooks every input embedding (the vision tower's patch embedding included) to
+    # make its output require grad: needed by reentrant checkpointing only. Left on, the backward
+    # would run through the whole frozen vision tower, recomputing it, for nothing.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
     model.config.use_cache = False
     text = getattr(model.config, "text_config", None)
     if text is not None:
