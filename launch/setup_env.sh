@@ -32,7 +32,10 @@ fi
 
 # 1. System packages: Open MPI for mpi4py and `mpirun` (multi-rank launches).
 if ! command -v mpicc >/dev/null 2>&1 || ! command -v mpirun >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  if "$BASE_PY" -c 'import mpi4py' >/dev/null 2>&1; then
+    # A machine that ships mpi4py (a GPU node's own Python) needs no build of it; only mpirun launches are off.
+    log "mpi4py is already installed and mpicc/mpirun are not: skipping Open MPI (mpirun launches unavailable)"
+  elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     log "installing Open MPI (libopenmpi-dev openmpi-bin) with apt-get"
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null
@@ -54,7 +57,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 PY="$VENV/bin/python"
-pip_q install -q --upgrade pip setuptools wheel >/dev/null
+if [ -z "${PIP_NO_INDEX:-}" ]; then  # offline (PIP_NO_INDEX=1, wheels in PIP_FIND_LINKS): keep the machine's pip
+  pip_q install -q --upgrade pip setuptools wheel >/dev/null
+fi
 
 torch_version="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
 if [ -z "$torch_version" ]; then

@@ -53,7 +53,10 @@ class LlavaAdapter(MLLMAdapter):
             # built, so the weights are then set from (seed, name) alone: the same in every layout.
             model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
             seeded_random_init(model, PRESET_INIT_SEED)
-        model.generation_config.pad_token_id = config.pad_token_id
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:  # a checkpoint's LlavaConfig keeps it on the text config only
+            pad = getattr(config.text_config, "pad_token_id", None)
+        model.generation_config.pad_token_id = pad
         return cls(model, processor, source)
 
     @property

@@ -406,7 +406,7 @@ def train(cfg: TrainConfig) -> Path:
                 "status": status, "steps": total, "method": cfg.method.name, "world_size": info.world_size,
                 "peak_memory_gb": peak_memory_gb(rt.device), "last_metrics": last,
             }, indent=1))
-    if use_ds:
+    if use_ds and cfg.output.save_final:
         save_checkpoint(rt, run_dir, total)
     if cfg.output.export_hf:
         export_hf(rt, adapter, run_dir / "hf")
