@@ -24,7 +24,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 
 import sare_ds  # noqa: E402,F401  (torchvision guard before transformers)
 from sare_ds.config import ConfigError, TrainConfig, field_docs, load_config  # noqa: E402
-from sare_ds.dist import exit_process, shutdown  # noqa: E402
+from sare_ds.dist import exit_process, launcher_rank, shutdown  # noqa: E402
 
 
 def _epilog() -> str:
@@ -75,10 +75,10 @@ def main(argv=None) -> int:
     except user_errors as e:
         # A mistake in the input, not a bug: one line naming the input, the rule and the fix (every rank
         # meets the same one; rank 0 says it).
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launcher_rank() == 0:
             print(f"launch/train.py: error: {e}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launcher_rank() == 0:
         print(f"run directory: {run_dir}")
     shutdown()
     return 0

@@ -61,6 +61,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (itself in one process). A collective: every rank must call it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)  # nccl: on the current CUDA device (set by init_distributed)
+    return box[0]
+
+
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Average scalar tensors over ranks with one all-reduce (used at the logging interval only)."""
     import torch.distributed as dist
@@ -107,5 +118,21 @@ def exit_process(code: int) -> None:
             pass
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
+        if code == 0:
+            mpi.Finalize()
+        elif mpi.COMM_WORLD.Get_size() > 1:
+            # Finalize would wait for every rank, and a rank-local error leaves the others in a
+            # collective: end the whole job with this code instead (mpirun reports it).
+            mpi.COMM_WORLD.Abort(code)
     os._exit(code)
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (0 when there is none), readable before any
+    process group exists: torchrun / deepspeed (RANK) and mpirun (OMPI_COMM_WORLD_RANK, PMI_RANK)."""
+    import os
+
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0

@@ -50,7 +50,7 @@ METHOD_PASSES = {
     "sare": (("neg_at_theta", ("neg",)), ("neg_at_eps", ("neg",)), ("capability", ("pos", "sent"))),
 }
 # Default sequence lengths when no recipe gives data.max_length (the recipes' values).
-DEFAULT_SEQ_LEN = {"llava": 1024, "llava_next": 3072}
+DEFAULT_SEQ_LEN = {"llava": 1024, "llava_next": 3200}
 DEFAULT_IMAGE_SIZE = (640, 480)  # a COCO-like image: 5 AnyRes tiles, 2,340 image tokens on LLaVA-NeXT
 
 # What is not in torch's allocator count: the CUDA context, cuBLAS/cuDNN workspaces and loaded kernels
@@ -72,7 +72,7 @@ TABLE_MODELS = (
     ("34B-class (Yi-34B-like LLM)",
      "preset:llava-1.5-13b,text_layers=60,text_hidden=7168,text_intermediate=20480,text_heads=56,text_kv_heads=8",
      1024),
-    ("LLaVA-NeXT-Mistral-7B", "preset:llava-next-mistral-7b", 3072),
+    ("LLaVA-NeXT-Mistral-7B", "preset:llava-next-mistral-7b", 3200),
 )
 TABLE_GPUS = (1, 8, 16)
 TABLE_MEMORY_GIB = (40, 80)

@@ -147,6 +147,17 @@ def lora_args(model_dir, run_dir, *extra) -> list[str]:
 
 
 def _assert_export_reproduces(run_dir: Path, model_dir) -> None:
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    # The LoRA delta itself is in the export (not only the trained projector): every adapted q_proj
+    # / v_proj weight of hf/ differs from the base checkpoint's.
+    base_sd = LlavaForConditionalGeneration.from_pretrained(model_dir).state_dict()
+    hf_sd = LlavaForConditionalGeneration.from_pretrained(run_dir / "hf").state_dict()
+    adapted = [k for k in hf_sd if "language_model" in k and k.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert adapted and all(not torch.equal(hf_sd[k], base_sd[k]) for k in adapted)
+    trained = load_file(str(run_dir / "trainable.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in trained.items())
     batch = _probe_batch(model_dir)
     got, want = _logits_of_hf_export(run_dir / "hf", batch), _logits_of_trained_model(run_dir, batch)
     base = _logits_of_hf_export(model_dir, batch)

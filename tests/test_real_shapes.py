@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,17 +119,20 @@ def test_reduced_preset_keeps_the_token_structure():
 
 # ----------------------------------------------------------------------------- recipes
 
-@pytest.mark.parametrize("recipe, preset", [
-    ("llava15_7b_sare.yaml", "llava-1.5-7b"), ("llava15_13b_sare.yaml", "llava-1.5-13b"),
-    ("llava_next_mistral7b_sare.yaml", "llava-next-mistral-7b"),
+@pytest.mark.parametrize("recipe, preset, most_image_tokens", [
+    ("llava15_7b_sare.yaml", "llava-1.5-7b", 576), ("llava15_13b_sare.yaml", "llava-1.5-13b", 576),
+    # AnyRes: a square image of 480 px or more takes the 2x2 grid of 672 px tiles: 576 + 4 x 576 + 48 newlines.
+    ("llava_next_mistral7b_sare.yaml", "llava-next-mistral-7b", 576 + 4 * 576 + 48),
 ])
-def test_recipes_fit_their_samples(recipe, preset):
+def test_recipes_fit_their_samples(recipe, preset, most_image_tokens):
     from sare_ds.train.trainer import check_max_length
 
     cfg = load_config(ROOT / "launch/configs" / recipe, [f"model.name_or_path=preset:{preset}"])
     assert cfg.model.gradient_checkpointing and cfg.model.dtype == "bfloat16"
     adapter = load_mllm(cfg.model, device="meta")
+    assert adapter.image_inputs(Image.new("RGB", (1000, 1000))).num_image_tokens == most_image_tokens
     fixed = check_max_length(cfg, adapter)  # no error
+    assert fixed["image_max"] == most_image_tokens
     assert fixed["text"] + fixed["image_max"] + 150 <= cfg.data.max_length
     cfg.data.max_length = 512
     with pytest.raises(ConfigError, match=r"data.max_length = 512 is invalid: .* at least \d+ tokens .*"
@@ -151,16 +155,24 @@ def test_no_usable_sample_names_the_skip_reasons(tmp_path):
         train(cfg)
 
 
-def test_shard_stream_no_usable_sample_names_the_skip_reasons(adapter):
+def test_shard_stream_no_usable_sample_names_the_skip_reasons(adapter, tmp_path):
+    """Real shards, a max_length no sample fits: the stream stops naming the reason and its count."""
     from sare_ds.data.stream import NoUsableSampleError, ShardStream
+    from test_stream import write_shards
 
-    stream = ShardStream.__new__(ShardStream)  # only the error builder is exercised here
-    stream.slots = {"neg": [[[("shard-neg-000000.tar", 0, 4)]]]}
-    stream._last_skip = {"neg": "sample (image 7): 700 tokens exceed data.max_length = 512; fix: raise it"}
-    err = stream._no_usable("neg", 0, 0, {"longer than data.max_length = 512": 4})
-    assert isinstance(err, NoUsableSampleError)
-    assert "4 x longer than data.max_length = 512" in str(err) and "shard-neg-000000.tar" in str(err)
-    assert "fix: raise it" in str(err)
+    root = tmp_path / "curated"
+    write_shards(root, {"neg": [3], "pos": [3], "sent": [3]})
+    fixed = fixed_sample_tokens(adapter, "Describe.")
+    too_short = fixed["text"] + fixed["image_max"] + 1  # room for one target token; the targets are longer
+    stream = ShardStream(root, adapter, per_step={"pos": 1, "neg": 1, "sent": 1}, seed=0, max_length=too_short)
+    with pytest.raises(NoUsableSampleError) as err:
+        list(stream)
+    text = str(err.value)
+    kind = re.search(r"no usable (pos|neg|sent) sample in the shards of rank 0 worker 0", text).group(1)
+    assert f"{kind}-000000.tar" in text
+    count = int(re.search(rf"(\d+) x longer than data.max_length = {too_short}", text).group(1))
+    assert count >= 3  # at least one full pass over that kind's 3 samples was skipped
+    assert f"exceed data.max_length = {too_short}; fix: raise data.max_length" in text  # the last one's message
 
 
 # ----------------------------------------------------------------------------- loading
@@ -213,6 +225,16 @@ def test_missing_weights_are_an_error_naming_them(tiny_model_dir, tmp_path, key,
         load_mllm(ModelConfig(name_or_path=str(bad)))
 
 
+def test_weights_of_another_shape_are_an_error_naming_them(tiny_model_dir, tmp_path):
+    def widen(state):
+        w = state["multi_modal_projector.linear_2.weight"]
+        state["multi_modal_projector.linear_2.weight"] = torch.zeros(w.shape[0], w.shape[1] + 1)
+
+    bad = _edit_weights(tiny_model_dir, tmp_path / "m", widen)
+    with pytest.raises(WeightsMismatchError, match=r"1 have another shape .*multi_modal_projector\.linear_2\.weight"):
+        load_mllm(ModelConfig(name_or_path=str(bad)))
+
+
 def test_unexpected_weights_are_reported_by_name(tiny_model_dir, tmp_path, caplog):
     bad = _edit_weights(tiny_model_dir, tmp_path / "m", lambda s: s.__setitem__("extra_head.weight", torch.zeros(2)))
     with caplog.at_level(logging.WARNING, logger="sare_ds.models"):
@@ -262,18 +284,21 @@ def test_config_error_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- memory options
 
+@pytest.mark.parametrize("trainable", ["mapping", "mapping+lora"])
 @pytest.mark.parametrize("checkpointing, forwards_per_layer", [(False, 1), (True, 2)])
-def test_gradient_checkpointing_recomputes_in_the_backward(checkpointing, forwards_per_layer):
+def test_gradient_checkpointing_recomputes_in_the_backward(checkpointing, forwards_per_layer, trainable):
     """With checkpointing on, each LLM layer runs again during the backward (activations not kept)."""
-    adapter = load_mllm(ModelConfig(name_or_path="preset:llava-1.5-7b-reduced", gradient_checkpointing=checkpointing))
-    select_trainable(adapter, ModelConfig())
+    cfg = ModelConfig(name_or_path="preset:llava-1.5-7b-reduced", gradient_checkpointing=checkpointing,
+                      trainable=trainable)
+    adapter = load_mllm(cfg)
+    select_trainable(adapter, cfg)  # LoRA: peft must not bring the vision tower's grad hooks back
     model = adapter.model.train()
+    inner = model.get_base_model() if trainable == "mapping+lora" else model
     calls, vision_calls = [], []
     # transformers checkpoints the layer's `forward` (its own hooks stay outside); a submodule's run again.
     # (pre-hook: the recompute stops early once every saved tensor is back, before the MLP returns)
-    model.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    model.model.vision_tower.encoder.layers[0].mlp.register_forward_pre_hook(
-        lambda *_: vision_calls.append(1))
+    inner.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    inner.model.vision_tower.encoder.layers[0].mlp.register_forward_pre_hook(lambda *_: vision_calls.append(1))
     image = adapter.image_inputs(Image.new("RGB", (64, 64)))
     ids = torch.tensor([[1] + [adapter.image_token_id] * image.num_image_tokens + [5, 6, 7]])
     out = model(input_ids=ids, pixel_values=image.tensors["pixel_values"], labels=ids.clamp(max=31999))
@@ -281,7 +306,7 @@ def test_gradient_checkpointing_recomputes_in_the_backward(checkpointing, forwar
     assert len(calls) == forwards_per_layer
     # The frozen vision tower is upstream of everything trainable: the backward never enters it.
     assert len(vision_calls) == 1
-    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert inner.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -298,3 +323,10 @@ def test_flash_attention_without_the_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package.*Fix: .*sdpa"):
         load_config(None, ["model.attn_implementation=flash_attention_2"])
+
+
+def test_lora_on_a_layer_the_export_cannot_merge_is_refused(adapter):
+    from sare_ds.models import NoTrainableParametersError
+
+    with pytest.raises(NoTrainableParametersError, match="LoRA lands on Embedding.*Fix: target the"):
+        select_trainable(adapter, ModelConfig(trainable="mapping+lora", lora_target_modules=["q_proj", "embed_tokens"]))

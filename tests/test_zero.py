@@ -168,6 +168,25 @@ def test_mpirun_path(reference, tiny_model_dir, tmp_path):
     assert_same_run(reference["sare"], tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["torchrun", "mpirun"])
+def test_refused_run_dir_stops_every_rank(tiny_model_dir, tmp_path, kind):
+    """A refusal found on rank 0 (an existing run directory) stops all ranks at once with one line,
+    under torchrun and under mpirun (no rank is left waiting in a collective)."""
+    (tmp_path / "old.txt").write_text("a previous run")
+    args = common(tiny_model_dir, tmp_path, Z3, "output.overwrite=false")
+    port = str(free_port())
+    train = str(ROOT / "launch/train.py")
+    cmd = ([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, train, *args] if kind == "torchrun"
+           else ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "DS_ACCELERATOR", "-x",
+                 "OMP_NUM_THREADS", "-x", f"MASTER_PORT={port}", sys.executable, train, *args])
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("launch/train.py: error:")]
+    assert len(errors) == 1 and "output.overwrite is false" in errors[0], proc.stderr[-3000:]
+    assert "sare_ds/" not in proc.stderr  # no traceback through sare_ds (torchrun prints its own on exit 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]  # nothing written
+
+
 def test_two_nodes_over_loopback(reference, tiny_model_dir, tmp_path):
     port = str(free_port())
     procs = [subprocess.Popen(

@@ -263,7 +263,8 @@ class ShardStream:
         last = self._last_skip.get(kind)
         return NoUsableSampleError(
             f"no usable {kind} sample in the shards of rank {node} worker {worker} ({', '.join(map(str, shards))}): "
-            f"every one was skipped. Skipped so far, by reason: {skip_report(stats)}."
+            f"every one was skipped. Skipped so far by this worker (all kinds), by reason: "
+            f"{skip_report({k: v for k, v in stats.items() if k != 'topped_up'})}."
             + (f" The last one: {last}" if last else " Fix: check the shards with launch/curate.py's manifest."))
 
     def _cycled(self, kind: str, node: int, worker: int, skip: int, stats: dict) -> Iterator[Any]:

@@ -91,9 +91,10 @@ def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample
     )
 
 
-# Probe images for the fixed part of a sample's length: square, landscape 4:3, portrait 3:4
-# (LLaVA-NeXT's image token count depends on the aspect ratio; LLaVA-1.5's does not).
-PROBE_SIZES = ((336, 336), (640, 480), (480, 640))
+# Probe images for the fixed part of a sample's length: small square, landscape 4:3, portrait 3:4 and
+# a large square (LLaVA-NeXT's image token count depends on size and aspect ratio: 1,176 / 2,340 /
+# 2,352 / 2,928 for these on LLaVA-NeXT-Mistral-7B, the large square its maximum; LLaVA-1.5: 576 each).
+PROBE_SIZES = ((336, 336), (640, 480), (480, 640), (640, 640))
 TYPICAL_CAPTION_TOKENS = 150  # a 100-word caption, as EFUF's prompt asks for (~1.3 tokens a word)
 
 
@@ -105,8 +106,11 @@ def fixed_sample_tokens(adapter, prompt: str) -> dict[str, int]:
     text = adapter.render(adapter.conversation(prompt), add_generation_prompt=True)
     ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
     image_tokens = [adapter.image_inputs(Image.new("RGB", size)).num_image_tokens for size in PROBE_SIZES]
-    # The placeholder itself is replaced by the image's positions; BOS is added in front.
-    text_tokens = len(ids) - ids.count(adapter.image_token_id) + 1
+    # The placeholder itself is replaced by the image's positions; BOS is added in front (as
+    # tokenize_sample does: unless the template rendered it already).
+    tok = adapter.tokenizer
+    bos = tok.bos_token_id is not None and getattr(tok, "add_bos_token", True) and (not ids or ids[0] != tok.bos_token_id)
+    text_tokens = len(ids) - ids.count(adapter.image_token_id) + int(bos)
     return {"text": text_tokens, "image_min": min(image_tokens), "image_max": max(image_tokens)}
 
 

@@ -73,10 +73,15 @@ def seeded_random_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> 
 
     The same in one process and under ZeRO-3 (each parameter is gathered, filled on rank 0 and
     partitioned again), whatever order or context the modules were built in; so a preset trained
-    on 2 ranks starts from exactly the weights of the single-process reference.
+    on 2 ranks starts from exactly the weights of the single-process reference. The values are
+    drawn by the GPU's generator on a machine with CUDA and by the CPU's otherwise, so they are
+    the same across layouts on one kind of machine, not between a GPU and a CPU machine.
     """
     import hashlib
 
+    # Drawn on one device type whatever device the parameter is on (zero.Init puts them on the GPU,
+    # a single process builds on the CPU): the GPU's generator where there is one, else the CPU's.
+    draw_on = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
     gather = None
     if partitioned:
@@ -98,8 +103,8 @@ def seeded_random_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> 
                     p.zero_()
                 else:
                     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-                    gen = torch.Generator(device=p.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-                    p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * std)
+                    gen = torch.Generator(device=draw_on).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                    p.copy_(torch.randn(p.shape, generator=gen, device=draw_on, dtype=torch.float32) * std)
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)

@@ -35,7 +35,10 @@ class LlavaAdapter(MLLMAdapter):
         from transformers import AutoProcessor
 
         model, info = cls._model_class().from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **model_kwargs)
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            # Mis-shaped weights are reported (and refused by check_loading_info, naming them), not raised
+            # as transformers' own multi-line error.
+            ignore_mismatched_sizes=True, **model_kwargs)
         loading = check_loading_info(info, f"model.name_or_path = {name_or_path!r}", log)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, processor, name_or_path, loading)

@@ -31,6 +31,23 @@ def select_trainable(adapter, model_cfg) -> list[str]:
         lora = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
                           lora_dropout=model_cfg.lora_dropout, target_modules=target)
         adapter.model = get_peft_model(adapter.model, lora)
+        # peft re-installs transformers' input-require-grad hooks when checkpointing is on; with
+        # non-reentrant checkpointing they only make the backward run through the frozen vision tower.
+        base = adapter.model.get_base_model()
+        if getattr(base, "is_gradient_checkpointing", False) and hasattr(base, "disable_input_require_grads"):
+            base.disable_input_require_grads()
+        # hf/ exports LoRA merged into Linear weights (sare_ds.train.trainer.merge_lora_state); other
+        # LoRA layer kinds (embeddings, convolutions) would not merge by that rule.
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        odd = sorted({type(m).__name__ for _, m in adapter.model.named_modules()
+                      if isinstance(m, BaseTunerLayer) and not isinstance(m, LoraLinear)})
+        if odd:
+            raise NoTrainableParametersError(
+                f"model.lora_target_modules = {model_cfg.lora_target_modules}: LoRA lands on {', '.join(odd)} "
+                "layers, but sare_ds merges LoRA into Linear weights only (the hf/ export). Fix: target the "
+                "language model's linear projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
 
     model = adapter.model
     if mode in ("mapping", "mapping+lora"):

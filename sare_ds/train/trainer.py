@@ -27,7 +27,7 @@ from sare_ds.config import ConfigError, TrainConfig, save_config
 from sare_ds.data.samples import KINDS, BadSampleError, skip_report
 from sare_ds.data.steps import StepComposer, per_step_counts
 from sare_ds.data.tokenize import TYPICAL_CAPTION_TOKENS, fixed_sample_tokens, tokenize_sample
-from sare_ds.dist import DistInfo, barrier, init_distributed, mean_over_ranks
+from sare_ds.dist import DistInfo, barrier, broadcast_object, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
 from sare_ds.train.logging import MetricLogger
 from sare_ds.train.params import NonFiniteError, ParameterSpace, PlainParameterSpace
@@ -50,14 +50,19 @@ def seed_everything(seed: int) -> None:
 
 def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path:
     run_dir = Path(cfg.output.run_dir)
+    refusal = None
     if is_main:
         if run_dir.exists() and any(run_dir.iterdir()) and not (cfg.output.overwrite or cfg.output.resume):
-            raise FileExistsError(f"output.run_dir = {run_dir} exists and output.overwrite is false; "
-                                  "fix: choose a new run_dir, set output.overwrite=true or output.resume=true")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.output.resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    barrier()
+            refusal = (f"output.run_dir = {run_dir} exists and output.overwrite is false; "
+                       "fix: choose a new run_dir, set output.overwrite=true or output.resume=true")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.output.resume:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    # Rank 0's verdict goes to every rank, so all stop alike (none is left waiting in a collective).
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise FileExistsError(refusal)
     return run_dir
 
 
@@ -248,6 +253,9 @@ def merge_lora_state(state: dict[str, torch.Tensor], peft_config: dict) -> dict[
     if list(peft_config) != ["default"]:
         raise ValueError(f"LoRA export supports one adapter named 'default', found {list(peft_config)}")
     lcfg = peft_config["default"]
+    if getattr(lcfg, "use_dora", False) or getattr(lcfg, "fan_in_fan_out", False):
+        raise ValueError("LoRA export: DoRA and fan_in_fan_out adapters do not merge as W + scale * B @ A; "
+                         "sare_ds builds neither (model.lora_*), so this PEFT model was configured elsewhere")
     scale = lcfg.lora_alpha / (math.sqrt(lcfg.r) if getattr(lcfg, "use_rslora", False) else lcfg.r)
     prefix = "base_model.model."
     out: dict[str, torch.Tensor] = {}
@@ -261,6 +269,10 @@ def merge_lora_state(state: dict[str, torch.Tensor], peft_config: dict) -> dict[
                 break
         else:
             out[name.replace(".base_layer.", ".")] = value
+    stray = [k for k in out if "lora_" in k]
+    if stray:  # e.g. an embedding's lora_embedding_A/B: not a Linear pair, would be left unmerged
+        raise ValueError(f"LoRA export: {len(stray)} LoRA tensors are not Linear A/B pairs ({', '.join(stray[:4])}); "
+                         "they cannot be merged by W + scale * B @ A")
     for module_name, ab in pairs.items():
         weight_key = f"{module_name}.weight"
         if set(ab) != {"lora_A", "lora_B"} or weight_key not in out:
