@@ -140,6 +140,21 @@ def test_recipes_fit_their_samples(recipe, preset, most_image_tokens):
         check_max_length(cfg, adapter)
 
 
+def test_max_length_refused_before_any_weight_is_loaded(tiny_model_dir, tmp_path, monkeypatch):
+    from sare_ds.models.llava import LlavaAdapter
+    from sare_ds.train.trainer import train
+
+    def never(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(LlavaAdapter, "load", classmethod(never))
+    cfg = load_config(ROOT / "launch/configs/tiny_random.yaml", [
+        f"model.name_or_path={tiny_model_dir}", "data.source=synthetic", "data.max_length=8",
+        f"output.run_dir={tmp_path}", "logging.progress_bar=false"])
+    with pytest.raises(ConfigError, match=r"data.max_length = 8 is invalid: .*16 image tokens"):
+        train(cfg)
+
+
 def test_no_usable_sample_names_the_skip_reasons(tmp_path):
     from sare_ds.train.trainer import train
 

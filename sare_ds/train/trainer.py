@@ -324,6 +324,11 @@ def train(cfg: TrainConfig) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.optim.seed)
     dtype = DTYPES[cfg.model.dtype]
+    # data.max_length is checked on the model's shapes, processor and template before any weight is
+    # loaded (a 13B checkpoint takes minutes to load); the meta build allocates nothing.
+    shapes = load_mllm(cfg.model, device="meta")
+    fixed_tokens = check_max_length(cfg, shapes) if shapes.processor is not None else None
+    del shapes
 
     ds_config, hf_ds_config = None, None
     if use_ds:
@@ -337,7 +342,8 @@ def train(cfg: TrainConfig) -> Path:
 
             hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
     adapter = load_mllm(cfg.model)
-    fixed_tokens = check_max_length(cfg, adapter)
+    if fixed_tokens is None:  # no processor without the weights (e.g. a hub id's remote files): check now
+        fixed_tokens = check_max_length(cfg, adapter)
     trainable_names = select_trainable(adapter, cfg.model)
     model = adapter.model
     model.train()
