@@ -11,8 +11,10 @@ random (or absent: `build_model(..., device="meta")` allocates nothing). The tok
 stand-in of the real one's layout: a SentencePiece-style (Metaspace) BPE with byte fallback,
 `<unk>`/`<s>`/`</s>` at ids 0-2, the 256 byte tokens, 32,000 pieces, then `<image>` (32000) and
 `<pad>` (32001), trained here (no download) on English words taken from open_clip's BPE
-vocabulary, so a caption tokenises to about as many tokens as with Llama's tokenizer (within a
-few percent on common English; not the same ids). It is built once and cached under
+vocabulary: common English words are one piece each, so a 100-word caption is 120-130 tokens
+(tests/test_real_shapes.py checks 110-150; the issue's real LLaVA-1.5 samples of 596-693 tokens imply
+a similar rate; the ids differ from Llama's and it was not compared with Llama's own tokenizer,
+which is not available offline). It is built once and cached under
 `$SARE_CACHE` (default `~/.cache/sare_ds`).
 
 Overrides after the name (comma-separated `key=value`) change the depth or width, keeping the
