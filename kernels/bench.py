@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 import weakref
@@ -39,12 +40,35 @@ from torch.utils._pytree import tree_leaves
 
 from kernels import reference
 
-# Datasheet peak memory bandwidth, GB/s (1e9 bytes/s), matched against the device name.
-GPU_PEAK_GBPS = {
-    "H200": 4800.0,
-    "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0,
-    "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0,
-}
+@dataclass(frozen=True)
+class DevicePeak:
+    label: str
+    bandwidth_gbps: float          # datasheet memory bandwidth, GB/s (1e9 bytes/s)
+    bf16_tflops: float | None      # datasheet dense bf16 tensor-core peak, TFLOP/s
+
+
+# Datasheet peaks of GPUs, matched in order against torch.cuda.get_device_name(): the more specific
+# names first. Memory bandwidth for the % of peak here; bf16 TFLOP/s for MFU (sare_ds.gpu_check).
+DEVICE_PEAKS: tuple[tuple[str, DevicePeak], ...] = (
+    (r"GH200", DevicePeak("GH200", 4000.0, 989.0)),  # before "H200"; 96 GB HBM3 version
+    (r"(?<!G)H200", DevicePeak("H200", 4800.0, 989.0)),
+    (r"H100.*PCIe", DevicePeak("H100 PCIe", 2000.0, 756.0)),
+    (r"H100.*NVL", DevicePeak("H100 NVL", 3900.0, 835.0)),
+    (r"H100", DevicePeak("H100 SXM", 3350.0, 989.0)),
+    (r"A100.*PCIe.*80GB|A100.*80GB.*PCIe", DevicePeak("A100 80GB PCIe", 1935.0, 312.0)),
+    (r"A100.*(80GB|SXM4-80)", DevicePeak("A100 80GB SXM", 2039.0, 312.0)),
+    (r"A100", DevicePeak("A100 40GB", 1555.0, 312.0)),
+)
+
+
+def device_peak(name: str) -> DevicePeak | None:
+    """The datasheet peaks of a device name, or None when the device is not in the table."""
+    for pattern, peak in DEVICE_PEAKS:
+        if re.search(pattern, name or ""):
+            return peak
+    return None
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RHO = 0.05
 
@@ -177,9 +201,9 @@ def peak_bandwidth(device) -> tuple[float, str]:
     """(GB/s, where the figure comes from) for the device's memory."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        for key, gbps in GPU_PEAK_GBPS.items():
-            if key in props.name:
-                return gbps, f"datasheet value for {props.name}"
+        peak = device_peak(props.name)
+        if peak is not None:
+            return peak.bandwidth_gbps, f"datasheet value for {props.name} ({peak.label})"
         clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
         if clock_khz and bus_bits:  # double data rate: two transfers per clock
             return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, f"memory clock x bus width of {props.name}"

@@ -51,32 +51,8 @@ WARMUP_STEPS = 2  # first steps (allocator, kernel compilation, ZeRO-3 trace) ar
 
 # ------------------------------------------------------------------------------- device peaks
 
-@dataclass(frozen=True)
-class DevicePeak:
-    label: str
-    bandwidth_gbps: float          # datasheet memory bandwidth, GB/s (1e9 bytes/s)
-    bf16_tflops: float | None      # datasheet dense bf16 tensor-core peak, TFLOP/s
-
-
-# Matched in order against torch.cuda.get_device_name(): the more specific names first.
-DEVICE_PEAKS: tuple[tuple[str, DevicePeak], ...] = (
-    (r"GH200", DevicePeak("GH200", 4000.0, 989.0)),  # before "H200"; 96 GB HBM3 version
-    (r"(?<!G)H200", DevicePeak("H200", 4800.0, 989.0)),
-    (r"H100.*PCIe", DevicePeak("H100 PCIe", 2000.0, 756.0)),
-    (r"H100.*NVL", DevicePeak("H100 NVL", 3900.0, 835.0)),
-    (r"H100", DevicePeak("H100 SXM", 3350.0, 989.0)),
-    (r"A100.*PCIe.*80GB|A100.*80GB.*PCIe", DevicePeak("A100 80GB PCIe", 1935.0, 312.0)),
-    (r"A100.*(80GB|SXM4-80)", DevicePeak("A100 80GB SXM", 2039.0, 312.0)),
-    (r"A100", DevicePeak("A100 40GB", 1555.0, 312.0)),
-)
-
-
-def device_peak(name: str) -> DevicePeak | None:
-    """The datasheet peaks of a device name, or None when the device is not in the table."""
-    for pattern, peak in DEVICE_PEAKS:
-        if re.search(pattern, name or ""):
-            return peak
-    return None
+# The datasheet table lives with the kernel benchmark, which reports % of peak bandwidth too.
+from kernels.bench import device_peak  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -510,7 +486,7 @@ def part_train(args, ctx: dict, timeout: float) -> PartResult:
     dtype = "float32" if args.allow_cpu else "bfloat16"
     try:
         from sare_ds.config import ModelConfig
-        from sare_ds.plan import (StepShape, ZeroSettings, load_recipe, rank_peak, step_flops, step_from_config,
+        from sare_ds.plan import (ZeroSettings, load_recipe, rank_peak, step_flops, step_from_config,
                                   summarize)
 
         cfg, _ = load_recipe(ROOT / RECIPE)
@@ -628,7 +604,7 @@ def write_summary(path: Path, info: dict, results: Sequence[PartResult], args=No
     lines += ["## Machine", "", "| | |", "|---|---|"]
     lines.append(f"| device | {info.get('device', '?')} ({_fmt(info.get('device_memory_gib'), '.1f')} GiB) |")
     peak = device_peak(info.get("device", ""))
-    lines.append(f"| datasheet peaks | " + (f"{peak.label}: {peak.bandwidth_gbps:g} GB/s, bf16 dense "
+    lines.append("| datasheet peaks | " + (f"{peak.label}: {peak.bandwidth_gbps:g} GB/s, bf16 dense "
                                              f"{_fmt(peak.bf16_tflops, 'g')} TFLOP/s" if peak else
                                              "unknown device: GB/s and TFLOP/s are reported without % of peak") + " |")
     for key in ("driver", "cuda", "python", "torch"):

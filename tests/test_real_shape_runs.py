@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sare_ds.config import load_config
-from test_zero import BIN, ROOT, STEPS, Z3, assert_same_run, check, env, free_port, launch, metrics, weights
+from test_zero import BIN, ROOT, STEPS, Z3, assert_same_run, check, env, free_port, launch, metrics
 
 RECIPE = str(ROOT / "launch/configs/llava15_7b_sare.yaml")
 REDUCED = "preset:llava-1.5-7b-reduced"

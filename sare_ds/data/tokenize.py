@@ -32,6 +32,13 @@ class TokenizedSample:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
+def needs_bos(tokenizer, ids: list[int]) -> bool:
+    """Whether BOS goes in front of `ids` (tokenised without special tokens): the tokenizer adds one
+    and the chat template did not render it already."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos)
+
+
 def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample:
     sample.check()
     tokenizer = adapter.tokenizer
@@ -54,7 +61,7 @@ def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = list(enc["offset_mapping"])
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != tokenizer.bos_token_id):
+    if needs_bos(tokenizer, ids):
         ids.insert(0, tokenizer.bos_token_id)
         offsets.insert(0, (0, 0))
     labels = [tid if (e > t_begin and s < t_end) else IGNORE_INDEX for tid, (s, e) in zip(ids, offsets)]
@@ -108,9 +115,7 @@ def fixed_sample_tokens(adapter, prompt: str) -> dict[str, int]:
     image_tokens = [adapter.image_inputs(Image.new("RGB", size)).num_image_tokens for size in PROBE_SIZES]
     # The placeholder itself is replaced by the image's positions; BOS is added in front (as
     # tokenize_sample does: unless the template rendered it already).
-    tok = adapter.tokenizer
-    bos = tok.bos_token_id is not None and getattr(tok, "add_bos_token", True) and (not ids or ids[0] != tok.bos_token_id)
-    text_tokens = len(ids) - ids.count(adapter.image_token_id) + int(bos)
+    text_tokens = len(ids) - ids.count(adapter.image_token_id) + int(needs_bos(adapter.tokenizer, ids))
     return {"text": text_tokens, "image_min": min(image_tokens), "image_max": max(image_tokens)}
 
 

@@ -77,37 +77,34 @@ def seeded_random_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> 
     drawn by the GPU's generator on a machine with CUDA and by the CPU's otherwise, so they are
     the same across layouts on one kind of machine, not between a GPU and a CPU machine.
     """
+    import contextlib
     import hashlib
 
     # Drawn on one device type whatever device the parameter is on (zero.Init puts them on the GPU,
     # a single process builds on the CPU): the GPU's generator where there is one, else the CPU's.
     draw_on = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    gather = None
-    if partitioned:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, p in model.named_parameters():
-        ctx = gather([p], modifier_rank=0) if gather is not None and hasattr(p, "ds_id") else None
-        if ctx is not None:
-            ctx.__enter__()
-        try:
-            if ctx is None or rank == 0:
-                leaf = name.rsplit(".", 1)
-                is_norm = len(leaf) == 2 and re.search(r"(norm|ln_|layernorm)", leaf[0].rsplit(".", 1)[-1].lower())
-                if is_norm and leaf[1] == "weight":
-                    p.fill_(1.0)
-                elif leaf[-1] == "bias":
-                    p.zero_()
-                else:
-                    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-                    gen = torch.Generator(device=draw_on).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-                    p.copy_(torch.randn(p.shape, generator=gen, device=draw_on, dtype=torch.float32) * std)
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+        partitioned = hasattr(p, "ds_id")  # ZeRO-3: gather the whole tensor, rank 0 writes it
+        if partitioned:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            if partitioned and rank != 0:
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            is_norm = re.search(r"(norm|ln_|layernorm)", module_name.rpartition(".")[2].lower())
+            if is_norm and leaf == "weight":
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            else:
+                digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+                gen = torch.Generator(device=draw_on).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                p.copy_(torch.randn(p.shape, generator=gen, device=draw_on, dtype=torch.float32) * std)
 
 
 @dataclass
