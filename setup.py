@@ -1,7 +1,8 @@
 """Install sare_ds: `pip install -e .` (use `launch/setup_env.sh`, which pins torch first).
 
-The top-level `kernels/` folder is installed as the importable package `kernels` next to
-`sare_ds`, so `import kernels` works from an installed copy as well as from a checkout.
+The top-level `kernels/` folder is installed as the package `sare_kernels` (a name of its own:
+Hugging Face's `kernels` package, which transformers probes for, owns the plain name). A checkout
+that is not installed (the GPU check's PYTHONPATH) gets the same name from `import sare_ds`.
 """
 from setuptools import find_packages, setup
 
@@ -10,7 +11,8 @@ setup(
     version="0.1.0",
     description="Sharpness-aware robust erasure (SARE) of hallucinations in multimodal LLMs, on DeepSpeed",
     python_requires=">=3.10",
-    packages=find_packages(include=["sare_ds", "sare_ds.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["sare_ds", "sare_ds.*"]) + ["sare_kernels"],
+    package_dir={"sare_kernels": "kernels"},
     package_data={"sare_ds": ["resources/*", "resources/pope/*"]},
     install_requires=[
         # torch is deliberately unpinned here: launch/setup_env.sh pins it through a

@@ -7,11 +7,11 @@
     restore_from_(params, backups)                        params <- backups, bit-exact
     set_backend("auto" | "triton" | "torch" | None)       or env SARE_KERNELS; see dispatch
 
-Each call runs the fused Triton kernels (`kernels.triton_sam`) where Triton can run, and the
-torch reference (`kernels.reference`, foreach ops) otherwise; both give the same results.
-Triton is imported lazily, on the first call that can use it. Benchmark: `python -m kernels.bench`.
+Each call runs the fused Triton kernels (`sare_kernels.triton_sam`) where Triton can run, and the
+torch reference (`sare_kernels.reference`, foreach ops) otherwise; both give the same results.
+Triton is imported lazily, on the first call that can use it. Benchmark: `python -m sare_kernels.bench`.
 """
-from kernels.dispatch import (
+from .dispatch import (
     BACKENDS,
     get_backend,
     perturb_,

@@ -1,6 +1,6 @@
 """Benchmark of the SARE primitives: Python loop vs foreach ops vs fused Triton kernels.
 
-    DS_ACCELERATOR=cpu .venv/bin/python -m kernels.bench --sizes 1e6,1e7 --json bench.json
+    DS_ACCELERATOR=cpu .venv/bin/python -m sare_kernels.bench --sizes 1e6,1e7 --json bench.json
 
 One SARE cycle on flat buffers is timed phase by phase: gradient sum of squares (the norm),
 perturb (theta + rho * g / ||g||) and restore (theta again). Methods:
@@ -9,8 +9,8 @@ perturb (theta + rho * g / ||g||) and restore (theta again). Methods:
                   a cloned backup of each weight, p.add_(g * scale), restore by copy_
     loop add/sub  the same loop without the backup: p.add_(e), restore by p.sub_(e) (keeps e;
                   not exact in low precision, shown because it is common)
-    foreach       kernels.reference (torch._foreach_* ops), the torch path of the dispatch
-    fused         kernels.triton_sam, only where Triton compiles (CUDA); the CPU interpreter
+    foreach       sare_kernels.reference (torch._foreach_* ops), the torch path of the dispatch
+    fused         sare_kernels.triton_sam, only where Triton compiles (CUDA); the CPU interpreter
                   is a correctness tool, not a fast path, so it is not timed
     ... /backup   the no-master mode (perturb_with_backup_ into the gradient buffer, restore_from_)
 
@@ -38,7 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels import reference
+from sare_kernels import reference
 
 @dataclass(frozen=True)
 class DevicePeak:
@@ -246,7 +246,7 @@ def run(sizes, dtypes, repeats, tensor_numel, device) -> tuple[list[Row], float,
                "foreach/backup": _with_backup(reference)}
     notes = []
     if device.type == "cuda":
-        from kernels import triton_sam
+        from sare_kernels import triton_sam
         if not triton_sam.INTERPRETED:
             methods.update({"fused": _with_master(triton_sam), "fused/backup": _with_backup(triton_sam)})
     else:

@@ -1,14 +1,14 @@
 """Choose, per call, the fused Triton kernels or the torch reference for the SARE primitives.
 
     backend setting      where it comes from                    what a call does
-    "auto" (default)     kernels.set_backend(...) if called,    Triton where it can run, else torch
+    "auto" (default)     sare_kernels.set_backend(...) if called,    Triton where it can run, else torch
     "triton"             else the env var SARE_KERNELS          Triton, or an error saying why not
     "torch"                                                      the torch reference (foreach ops)
 
 Triton "can run" for a call when all its tensors are contiguous floating tensors on one
 device and either the device is CUDA and Triton compiles, or the device is the CPU and
 `TRITON_INTERPRET=1` was set before the kernels were first used (the interpreter; slow,
-for tests). Triton is imported only on the first call that can use it, so `import kernels`
+for tests). Triton is imported only on the first call that can use it, so `import sare_kernels`
 stays cheap and works where triton is absent.
 
 Both paths give bit-identical perturb and restore results; the sum of squares agrees to
@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference
+from . import reference
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "SARE_KERNELS"
@@ -43,7 +43,7 @@ def _check_backend(name: str, source: str) -> str:
 def set_backend(name: str | None) -> None:
     """Force the kernel backend ("auto", "triton", "torch"); None returns to $SARE_KERNELS."""
     global _forced
-    _forced = None if name is None else _check_backend(name, "kernels.set_backend(name)")
+    _forced = None if name is None else _check_backend(name, "sare_kernels.set_backend(name)")
 
 
 def get_backend() -> str:
@@ -59,13 +59,13 @@ def _interpret_requested() -> bool:
 
 
 def _load_triton() -> ModuleType | None:
-    """Import kernels.triton_sam once; None where triton is missing or fails to import."""
+    """Import sare_kernels.triton_sam once; None where triton is missing or fails to import."""
     global _triton_module
     if _triton_module is None:
         if importlib.util.find_spec("triton") is None:
             return None
         try:
-            from kernels import triton_sam
+            from . import triton_sam
         except Exception:  # a broken triton install: the torch path still works
             return None
         _triton_module = triton_sam
@@ -104,7 +104,7 @@ def _implementation(tensors: list[torch.Tensor], what: str) -> ModuleType:
     raise RuntimeError(
         f"{what}: kernel backend 'triton' is forced but cannot run: {reason}. Fix: run on a CUDA "
         f"device, set TRITON_INTERPRET=1 before the first call for CPU tensors, or choose "
-        f"{ENV_VAR}=auto|torch (kernels.set_backend('auto'))."
+        f"{ENV_VAR}=auto|torch (sare_kernels.set_backend('auto'))."
     )
 
 

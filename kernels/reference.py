@@ -1,6 +1,6 @@
 """Torch reference of the SARE primitives over lists of tensors (foreach ops, no host sync).
 
-Used wherever Triton cannot run, and the reference the fused kernels (`kernels.triton_sam`)
+Used wherever Triton cannot run, and the reference the fused kernels (`sare_kernels.triton_sam`)
 are tested against. Callers go through `kernels` (dispatch and input checks); these
 functions assume valid inputs.
 

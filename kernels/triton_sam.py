@@ -1,9 +1,9 @@
 """Fused Triton kernels of the SARE step over flat buffers: sum of squares, perturb, restore.
 
-Imported lazily by `kernels.dispatch` (never at `import kernels`), because importing triton
+Imported lazily by `sare_kernels.dispatch` (never at `import sare_kernels`), because importing triton
 is slow and fails where it is absent, and because `@triton.jit` decides at decoration time
 whether a kernel is compiled (CUDA) or interpreted (`TRITON_INTERPRET=1`, CPU tensors).
-Callers go through `kernels.sum_of_squares / perturb_ / restore_ / ...`; the functions here
+Callers go through `sare_kernels.sum_of_squares / perturb_ / restore_ / ...`; the functions here
 assume the inputs were already validated there (same numel per pair, contiguous, one device).
 
 One launch per flat buffer (a ZeRO partition or a parameter): elementwise kernels read and

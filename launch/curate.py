@@ -62,4 +62,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sare_ds.dist import run_main
+
+    # Tears the process groups down and leaves without the interpreter's teardown, which can
+    # abort on gloo's threads after every file is written (sare_ds.dist.exit_process).
+    run_main(main)

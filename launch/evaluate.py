@@ -76,7 +76,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    from sare_ds.dist import shutdown
+    from sare_ds.dist import run_main
 
-    shutdown()
+    # Tears the process groups down and leaves without the interpreter's teardown, which can
+    # abort on gloo's threads after every file is written (sare_ds.dist.exit_process).
+    run_main(main)

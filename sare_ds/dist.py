@@ -8,6 +8,7 @@ GPUs and gloo on CPU (oneCCL is not available on CPU machines here).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,26 @@ def exit_process(code: int) -> None:
             # collective: end the whole job with this code instead (mpirun reports it).
             mpi.COMM_WORLD.Abort(code)
     os._exit(code)
+
+
+def run_main(main) -> None:
+    """The entry point of a launch/ script that may run under a distributed launcher: call `main()`,
+    tear the process groups down, and leave through `exit_process` with main's code (an int it
+    returns, 0 for None). An exception prints its traceback and leaves with code 1 without waiting
+    for the other ranks (MPI jobs are aborted; the deepspeed launcher kills the peers)."""
+    import traceback
+
+    try:
+        code = main()
+        shutdown()
+    except SystemExit as e:  # argparse and explicit exits keep their code
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(int(code or 0))
 
 
 def launcher_rank() -> int:

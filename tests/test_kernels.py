@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch, reference
+import sare_kernels as kernels
+from sare_kernels import dispatch, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -63,7 +63,7 @@ def interpreted_module():
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        spec = importlib.util.spec_from_file_location("kernels._triton_sam_interpreted",
+        spec = importlib.util.spec_from_file_location("sare_kernels._triton_sam_interpreted",
                                                       ROOT / "kernels" / "triton_sam.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -85,8 +85,8 @@ def triton_on(request, monkeypatch, interpreted_module):
         monkeypatch.setattr(dispatch, "_triton_module", interpreted_module)
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        import kernels.triton_sam as compiled
-        assert not compiled.INTERPRETED, "kernels.triton_sam was imported with TRITON_INTERPRET=1"
+        import sare_kernels.triton_sam as compiled
+        assert not compiled.INTERPRETED, "sare_kernels.triton_sam was imported with TRITON_INTERPRET=1"
         monkeypatch.setattr(dispatch, "_triton_module", compiled)
     kernels.set_backend("triton")
     yield torch.device(device)
@@ -382,3 +382,35 @@ def test_importing_kernels_does_not_import_triton():
            "assert 'triton' not in sys.modules, 'triton was imported eagerly'"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+def test_checkout_without_install_imports_kernels_as_sare_kernels(tmp_path):
+    """The GPU check runs from a checkout through PYTHONPATH: `import sare_ds` maps kernels/ to
+    sare_kernels there."""
+    code = ("import sys, importlib.machinery as m\n"
+            # Drop the editable install's finder: the interpreter sees only PYTHONPATH, as on a fresh machine.
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__ and "
+            "'editable' not in getattr(f, '__name__', '')]\n"
+            "import sare_ds, sare_kernels, importlib.util\n"
+            "from sare_kernels import dispatch\n"
+            "print(sare_kernels.__file__, dispatch.__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    kernels_file, dispatch_name = proc.stdout.split()[:2]
+    assert Path(kernels_file) == ROOT / "kernels" / "__init__.py"
+    assert dispatch_name == "sare_kernels.dispatch"
+
+
+def test_installed_package_leaves_the_name_kernels_free(tmp_path):
+    """Installed (pip install -e .), the folder is `sare_kernels`; `import kernels` is not ours, so
+    Hugging Face's `kernels` package (which transformers probes for) is never shadowed."""
+    code = ("import importlib.util, sare_kernels\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(sare_kernels.__name__, spec.origin if spec else None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    name, origin = proc.stdout.split()
+    assert name == "sare_kernels"
+    assert origin == "None" or not origin.startswith(str(ROOT))

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-import kernels
+import sare_kernels as kernels
 
 
 class NonFiniteError(FloatingPointError):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import kernels
+import sare_kernels as kernels
 from sare_ds.config import ConfigError, TrainConfig, save_config
 from sare_ds.data.samples import KINDS, BadSampleError, skip_report
 from sare_ds.data.steps import StepComposer, per_step_counts

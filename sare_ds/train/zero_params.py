@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import kernels
+import sare_kernels as kernels
 from sare_ds.train.params import ParameterSpace
 
 
