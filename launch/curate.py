@@ -1,13 +1,15 @@
-"""Curate EFUF training data into WebDataset shards, or calibrate thresholds from a curated run.
+"""Curate EFUF training data into WebDataset shards (one record per caption), calibrate thresholds
+from a curated run, or convert an old per-kind curation directory to caption shards.
 
     python launch/curate.py [--config curate.yaml] input.path=<images> output.dir=runs/curated [field=value ...]
     torchrun --nproc_per_node 2 launch/curate.py ...        # chunks spread over the ranks; rank 0 writes
                                                             # the manifest once every rank's chunks are done
     python launch/curate.py calibrate runs/curated          # propose t0/t1/t2 (needs COCO annotations)
+    python launch/curate.py convert OLD_DIR NEW_DIR         # pos/neg/sent-*.tar -> cap-*.tar + manifest
     python launch/curate.py --fields                        # every config field with its meaning
 
 Only wires library parts together: sare_ds.curation.config (the tree), sare_ds.curation.pipeline
-(the run), sare_ds.curation.calibrate. Fields: docs/curation.md.
+(the run), sare_ds.curation.calibrate, sare_ds.curation.convert. Fields and formats: docs/curation.md.
 """
 import argparse
 import dataclasses
@@ -43,6 +45,21 @@ def main() -> None:
         print(json.dumps({k: result[k] for k in ("t0", "t1", "t2", "pos_precision", "neg_precision")}, indent=1))
         print(f"written: {a.run_dir}/calibration.json, {a.run_dir}/calibration.png")
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "convert":
+        ap = argparse.ArgumentParser(
+            prog="curate.py convert",
+            description="Write caption shards (cap-*.tar) from per-kind shards (pos/neg/sent-*.tar).")
+        ap.add_argument("old_dir", help="output.dir of a curation run in the per-kind (samples) format")
+        ap.add_argument("new_dir", help="new or empty directory for the caption shards and their manifest")
+        a = ap.parse_args(sys.argv[2:])
+        from sare_ds.curation.convert import convert_to_captions
+
+        manifest = convert_to_captions(a.old_dir, a.new_dir)
+        print(json.dumps({"counts": manifest["counts"], "converted_from": manifest["converted_from"],
+                          "shards": len(manifest["shards"])}, indent=1))
+        print(f"written: {a.new_dir}/manifest.json and {len(manifest['shards'])} caption shard(s) "
+              f"({manifest['counts']['captions']} captions)")
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML config (fields of sare_ds.curation.config.CurationConfig)")
     ap.add_argument("--fields", action="store_true", help="list every config field and exit")
@@ -56,7 +73,8 @@ def main() -> None:
 
     manifest = curate(cfg)
     if manifest is not None:
-        print(json.dumps({"counts": manifest["counts"], "skipped": manifest["skipped"],
+        print(json.dumps({"format": manifest["format"], "counts": manifest["counts"],
+                          "nothing_to_train": manifest["nothing_to_train"], "skipped": manifest["skipped"],
                           "shards": len(manifest["shards"])}, indent=1))
         print(f"written: {cfg.output.dir}/manifest.json, {cfg.output.dir}/scores.png")
 

@@ -2,13 +2,17 @@
 
     python launch/plan.py --model preset:llava-1.5-7b --gpus 8 --gpu-mem 80
     python launch/plan.py --config launch/configs/llava15_13b_sare.yaml --gpus 8 --gpu-mem 40 --json plan.json
+    python launch/plan.py --model preset:llava-1.5-7b --captions-per-step 8 --packing false
     python launch/plan.py --table                       # THE TABLE of docs/memory_plan.md
     python launch/plan.py --list                        # the model presets
 
 Per rank: weights, fp32 master + AdamW states, gradients, DeepSpeed's buffers, SARE's own buffers,
-activations (with and without gradient checkpointing) and which pass of the step peaks, which
-ds_configs/ fit in --gpu-mem GiB, and FLOPs per optimizer step for FT / EFUF / SARE. Formulas,
-assumptions and their validation: docs/memory_plan.md, sare_ds/plan.py.
+activations (with and without gradient checkpointing) and which pass of the step peaks (the loss's
+fp32 logits over the labelled positions only, next to what they were over every position), which
+ds_configs/ fit in --gpu-mem GiB, and FLOPs per optimizer step for FT / EFUF / SARE, packed and
+unpacked. A step is data.captions_per_step captions per micro-batch, packed (one sequence per
+caption) or not (one per span); --per-step plans the per-kind shards of the format before caption
+records. Formulas, assumptions and their validation: docs/memory_plan.md, sare_ds/plan.py.
 """
 from __future__ import annotations
 
@@ -35,9 +39,20 @@ def parse_args(argv=None):
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     p.add_argument("--ds-config", help="plan only this DeepSpeed JSON (default: every GPU config in ds_configs/)")
     p.add_argument("--config", help="training recipe (YAML) whose model / data / optim settings to plan")
-    p.add_argument("--seq-len", type=int, help="tokens per sample, image positions included (default: the recipe's "
-                                              "data.max_length; without a recipe 1024, LLaVA-NeXT 3072)")
-    p.add_argument("--per-step", help="pos,neg,sent samples per micro-batch (default: the recipe's, else 1,1,1)")
+    p.add_argument("--seq-len", type=int, help="data.max_length: the longest sequence, image positions included "
+                                              "(default: the recipe's; without a recipe 1024, LLaVA-NeXT 3200)")
+    p.add_argument("--captions-per-step", type=int,
+                   help="captions per micro-batch, data.captions_per_step (default: the recipe's, else 4)")
+    p.add_argument("--packing", choices=("true", "false"),
+                   help="data.packing: true = one sequence per caption carrying all of its spans' losses; false = one "
+                        "sequence per span, cut after it (default: the recipe's, else true)")
+    p.add_argument("--caption-tokens", type=int, help="response tokens of a caption (default: as many as --seq-len "
+                                                     "leaves after the image and the prompt, the worst case)")
+    p.add_argument("--spans", help="pos,neg sub-sentence spans per caption (default 4,1)")
+    p.add_argument("--neg-end", type=float, help="where a caption's last neg span ends, as a fraction of the caption: "
+                                                 "the neg passes forward image + prompt + this much (default 0.5)")
+    p.add_argument("--per-step", help="per-kind shards (the format before caption records) only: pos,neg,sent samples "
+                                      "per micro-batch, each its own sequence; plans that format instead of captions")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the recipe's, else 1)")
     p.add_argument("--method", choices=("ft", "efuf", "sare"), help="default: the recipe's, else sare")
     p.add_argument("--trainable", choices=("mapping", "mapping+lora"), help="default: the recipe's, else mapping")
@@ -58,6 +73,16 @@ def parse_args(argv=None):
         parts = args.per_step.split(",")
         if len(parts) != 3 or not all(x.strip().isdigit() for x in parts):
             p.error(f"--per-step {args.per_step!r}: write three whole numbers pos,neg,sent, e.g. 1,1,1")
+    if args.spans is not None:
+        parts = args.spans.split(",")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            p.error(f"--spans {args.spans!r}: write two whole numbers pos,neg, e.g. 2,1")
+    if args.captions_per_step is not None and args.captions_per_step < 1:
+        p.error(f"--captions-per-step {args.captions_per_step}: must be >= 1")
+    if args.caption_tokens is not None and args.caption_tokens < 1:
+        p.error(f"--caption-tokens {args.caption_tokens}: must be >= 1")
+    if args.neg_end is not None and not 0.0 < args.neg_end <= 1.0:
+        p.error(f"--neg-end {args.neg_end}: a fraction of the caption in (0, 1]")
     try:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
         args.image_size = (w, h)
@@ -102,6 +127,17 @@ def resolve(args):
         changes["method"] = args.method
     if args.per_step:
         changes["per_step"] = dict(zip(plan.KINDS, (int(x) for x in args.per_step.split(","))))
+        changes["data_format"] = "per_kind"
+    if args.captions_per_step:
+        changes["captions_per_step"] = args.captions_per_step
+    if args.packing:
+        changes["packing"] = args.packing == "true"
+    if args.caption_tokens:
+        changes["caption_tokens"] = args.caption_tokens
+    if args.spans:
+        changes["pos_spans"], changes["neg_spans"] = (int(x) for x in args.spans.split(","))
+    if args.neg_end is not None:
+        changes["neg_end"] = args.neg_end
     if args.grad_accum:
         changes["grad_accum_steps"] = args.grad_accum
     if args.gradient_checkpointing:
@@ -122,10 +158,13 @@ def main(argv=None) -> int:
             text, records = plan.table([(label, m, step) for label, m, step, _ in rows])
             print(text)
             print()
-            for label, _, step, origin in rows:
+            for label, model, step, origin in rows:
                 gc = "on" if step.gradient_checkpointing else "off"
-                print(f"- {label}: {step.method.upper()}, {step.seq_len} tokens, per micro-batch "
-                      f"{dict(step.per_step)}, checkpointing {gc} ({origin})")
+                print(f"- {label}: {step.method.upper()}, max_length {step.seq_len}, "
+                      f"{step.captions_per_step} {'packed' if step.packing else 'unpacked'} caption(s) per micro-batch "
+                      f"({step.caption_length(model.prefix_tokens)} caption tokens, {step.pos_spans} pos + "
+                      f"{step.neg_spans} neg spans, the last neg token at {100 * step.neg_end:g} %), "
+                      f"checkpointing {gc} ({origin})")
             out = records
         else:
             model_cfg, step, recipe_ds_config = resolve(args)

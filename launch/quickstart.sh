@@ -7,8 +7,8 @@
 #    scenes, which hallucinates co-occurring objects; a tiny open_clip CLIP trained on the same
 #    scenes, with curation thresholds calibrated for it; curation and held-out evaluation scenes;
 # 2. curates: the captioner describes the curation scenes, the CLIP scores every object
-#    (launch/curate.py) -> pos / neg / sent WebDataset shards;
-# 3. trains FT, EFUF and SARE with `deepspeed launch/train.py` under ZeRO-3: 2 CPU ranks (gloo,
+#    (launch/curate.py) -> caption-record WebDataset shards (spans pos / neg, sent flag);
+# 3. trains FT, EFUF and SARE (one forward per caption) with `deepspeed launch/train.py` under ZeRO-3: 2 CPU ranks (gloo,
 #    fp32) on a machine without GPUs, every GPU (bf16) on one with them;
 # 4. evaluates base / FT / EFUF / SARE on the held-out scenes (launch/evaluate.py: CHAIR, POPE,
 #    BLEU, perplexity);

@@ -26,7 +26,9 @@ import yaml
 EFUF_CAPTION_PROMPT = (
     "Please describe the image in great detail. Your response should have at least 100 words."
 )
-METHODS = ("ft", "efuf", "sare")
+from sare_ds.methods import METHODS as _METHOD_TABLE
+
+METHODS = tuple(_METHOD_TABLE)  # defined once, in sare_ds/methods.py
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -83,14 +85,19 @@ class DataConfig:
     """Synthetic source: number of generated images."""
     image_size: int = 32
     """Synthetic source: side of the generated images in pixels."""
+    packing: bool = True
+    """One forward per caption: every span of a caption (pos, neg, sent) gets its NLL from one forward of the
+    whole caption. false: one forward per span, cut after it (EFUF's own code); same losses (docs/architecture.md, "Tokenisation and labels")."""
+    captions_per_step: int = 4
+    """Captions per micro-batch (caption-record shards and the synthetic source)."""
     pos_per_step: int = 1
-    """Positive (grounded sub-sentence) samples per micro-batch (EFUF: 1)."""
+    """Per-kind shards (the format before caption records) only: pos samples per micro-batch (EFUF: 1)."""
     neg_per_step: int = 1
-    """Negative (hallucinated sub-sentence) samples per micro-batch (EFUF: 1)."""
+    """Per-kind shards only: neg (hallucinated sub-sentence) samples per micro-batch (EFUF: 1)."""
     sent_per_step: int = 1
-    """Whole-sentence samples per micro-batch (EFUF: 1)."""
+    """Per-kind shards only: whole-sentence samples per micro-batch (EFUF: 1)."""
     max_length: int = 512
-    """Longest tokenised sample (image tokens included); longer samples are an error."""
+    """Longest tokenised sequence (image tokens included); spans ending beyond it are left out and counted."""
     num_workers: int = 0
     """DataLoader worker processes."""
 
@@ -122,7 +129,7 @@ class OptimConfig:
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     epochs: int = 1
-    """Passes over the neg samples (the unlearning target; the other kinds cycle)."""
+    """Passes over the captions (per-kind shards: over the neg samples, the unlearning target; the other kinds cycle)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run the epochs)."""
     grad_accum_steps: int = 1
@@ -336,6 +343,8 @@ def validate(cfg: TrainConfig) -> None:
     if m.name in ("efuf", "sare"):
         _require(d.neg_per_step > 0, "data.neg_per_step", d.neg_per_step,
                  f"method {m.name} unlearns neg samples, so each step needs some", "set data.neg_per_step >= 1")
+    _require(d.captions_per_step > 0, "data.captions_per_step", d.captions_per_step, "a micro-batch needs a caption",
+             "use 4")
     _require(d.max_length > 0, "data.max_length", d.max_length, "must be > 0", "use 512 or more")
     _require(d.num_images > 0, "data.num_images", d.num_images, "must be > 0", "use e.g. 48")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0", "use 0-8")

@@ -2,28 +2,40 @@
 
     python launch/plan.py --model preset:llava-1.5-7b --gpus 8 --gpu-mem 80     # the CLI (docs/memory_plan.md)
 
-    from sare_ds.plan import summarize, StepShape, plan_run, step_flops, uniform_lengths
+    from sare_ds.plan import summarize, StepShape, plan_run, plan_flops, step_flops, uniform_lengths
     model = summarize(ModelConfig(name_or_path="preset:llava-1.5-7b", dtype="bfloat16"))  # meta build, < 1 s
-    plan = plan_run(model, StepShape(method="sare", seq_len=1024), gpus=8, gpu_mem_gib=80)
+    step = StepShape(method="sare", seq_len=1024, captions_per_step=2, packing=True)
+    plan = plan_run(model, step, gpus=8, gpu_mem_gib=80)
+    flops = plan_flops(model, step, schedule="separate")        # ZeRO's passes; "shared": one process
     flops = step_flops(model, "sare", uniform_lengths({"pos": 1, "neg": 1, "sent": 1}, 1024),
-                       gradient_checkpointing=True)
+                       gradient_checkpointing=True)              # from per-kind sample lengths
 
 Everything here is arithmetic on a `ModelSummary`: parameter counts by group (vision tower,
 projector, LLM) and the trainable set, read off the model built on the meta device through the
-same `load_mllm` / `select_trainable` as training, plus the layer shapes. The formulas, each a
-small function below:
+same `load_mllm` / `select_trainable` as training, plus the layer shapes and the prompt's tokens.
+The formulas, each a small function below:
 
+- the step (`StepShape`, `step_passes`): data.captions_per_step captions per micro-batch, packed
+  (one sequence per caption carrying all of its spans) or not (one sequence per span, cut after
+  it), or per-kind samples; the passes of each method as sare_ds/train/step.py runs them (SARE:
+  three passes under ZeRO; one forward at theta with two backwards + the perturbed pass in one
+  process), each a batch of rows padded to the longest, with K labelled positions (the union over
+  the batch: the LM head runs on those only);
 - per-rank state memory under ZeRO-2 / ZeRO-3 / plain training (`state_memory`), read against the
-  DeepSpeed JSON (bucket sizes, live-parameter limits, offload);
-- activation memory of one forward + backward pass (`pass_activations`): the tensors autograd saves
-  in a Llama/Mistral decoder layer with SDPA attention when the LLM is frozen (gradients flow to
-  the layer inputs only, so a frozen Linear keeps no input), the checkpointed layer inputs with
-  gradient checkpointing, the projector, the fp32 log-softmax of the loss (vocab x seq), and the
-  transient peak of the pass (the loss backward or a recomputed layer); validated against measured
-  autograd-saved bytes and CPU allocator peaks of small models (`measure_pass`, tests/test_plan.py);
-- FLOPs of one optimizer step (`step_flops`): model FLOPs (what the algorithm needs) and hardware
-  FLOPs (plus the recompute forward of gradient checkpointing and a backward through the frozen
-  vision tower if the graph enters it).
+  DeepSpeed JSON (bucket sizes, live-parameter limits, offload, hpZ);
+- activation memory of one pass (`pass_activations`): the tensors autograd saves in a
+  Llama/Mistral decoder layer with SDPA attention when the LLM is frozen (gradients flow to the
+  layer inputs only, so a frozen Linear keeps no input), the checkpointed layer inputs with
+  gradient checkpointing, the projector, the loss's fp32 log-softmax over the K labelled positions
+  (`logits_saved_bytes`; before logits_to_keep it was every position: `full_logits_saved_bytes`),
+  and the transient peak of the pass (the loss's backward, the final norm's, the top layer's, the
+  forward's end), with the graph retained through two backwards for SARE's shared forward;
+  validated against measured autograd-saved bytes and CPU allocator peaks of small models through
+  the training loss path (`measure_pass`, tests/test_plan.py);
+- FLOPs of one optimizer step (`plan_flops` for a StepShape, `step_flops` from per-kind sample
+  lengths): model FLOPs (what the rows need) and hardware FLOPs (plus padding, the recompute
+  forward of gradient checkpointing per backward and a backward through the frozen vision tower if
+  the graph enters it).
 
 Conventions: memory in bytes (GiB = 2**30 for display); FLOPs count a multiply-add as 2; attention
 FLOPs count the full T x T score matrix (the PaLM / Megatron MFU convention, no causal halving).
@@ -42,16 +54,13 @@ from typing import Mapping, Sequence
 
 GiB = 2 ** 30
 KINDS = ("pos", "neg", "sent")
-# The sample groups each method forwards and backwards per micro-batch, in the order the step runs them
-# (sare_ds/train/step.py): SARE's neg batch twice (at theta and at theta + eps*), then pos + sent.
-METHOD_PASSES = {
-    "ft": (("capability", ("pos", "sent")),),
-    "efuf": (("efuf", ("pos", "neg", "sent")),),
-    "sare": (("neg_at_theta", ("neg",)), ("neg_at_eps", ("neg",)), ("capability", ("pos", "sent"))),
-}
 # Default sequence lengths when no recipe gives data.max_length (the recipes' values).
 DEFAULT_SEQ_LEN = {"llava": 1024, "llava_next": 3200}
 DEFAULT_IMAGE_SIZE = (640, 480)  # a COCO-like image: 5 AnyRes tiles, 2,340 image tokens on LLaVA-NeXT
+# BOS + chat template + EFUF's caption prompt, in tokens, before the image positions are added
+# (`fixed_sample_tokens`: 40 for LLaVA-1.5 and LLaVA-NeXT-Mistral); used when the model has no tokenizer.
+PROMPT_TEXT_TOKENS = 40
+SCHEDULES = ("separate", "shared")
 
 # What is not in torch's allocator count: the CUDA context, cuBLAS/cuDNN workspaces and loaded kernels
 # (~0.5-1 GiB on an H100 with CUDA 12/13), NCCL's communication buffers (a few hundred MiB per GPU
@@ -139,7 +148,13 @@ class ModelSummary:
     param_numels: tuple = ()           # every parameter's numel (persistence under other thresholds)
     largest_module_params: int = 0     # the largest leaf module (ZeRO-3 gathers a module's parameters at once)
     llm_layer_numels: tuple = ()       # the parameter numels of ONE decoder layer
+    prompt_tokens: int = PROMPT_TEXT_TOKENS  # BOS + chat template + the caption prompt (before the image expands)
     note: str = ""
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Positions of a sequence before its caption: the image's and the prompt's."""
+        return self.image_tokens + self.prompt_tokens
 
     @property
     def dtype_bytes(self) -> int:
@@ -329,6 +344,7 @@ def summarize_adapter(adapter, *, dtype: str, trainable_rule: str = "mapping", l
     layer_numels = tuple(p.numel() for p in first_layer.parameters())
     leaves = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
     name = source or adapter.source
+    prompt_tokens = _prompt_tokens(adapter)
     return ModelSummary(
         source=name, family=adapter.family, dtype=dtype, params=params, trainable=trainable,
         trainable_rule=trainable_rule, llm=llm, vision=vision, projector_linears=projector_linears,
@@ -336,7 +352,22 @@ def summarize_adapter(adapter, *, dtype: str, trainable_rule: str = "mapping", l
         lora_targets=tuple(lora_targets), lora_rank=lora_rank, lora_dtype_bytes=lora_bytes,
         vision_backward_with_gc=with_gc, vision_backward_without_gc=without_gc,
         persistent_params=sum(n for n in numels if n <= persistence_threshold), param_numels=numels,
-        largest_module_params=max(leaves), llm_layer_numels=layer_numels, note=_preset_note(name))
+        largest_module_params=max(leaves), llm_layer_numels=layer_numels, prompt_tokens=prompt_tokens,
+        note=_preset_note(name))
+
+
+def _prompt_tokens(adapter, prompt: str | None = None) -> int:
+    """Tokens of BOS + chat template + EFUF's caption prompt before the image expands (as
+    `fixed_sample_tokens` counts them, without its image probes); PROMPT_TEXT_TOKENS without a tokenizer."""
+    from sare_ds.config import EFUF_CAPTION_PROMPT
+    from sare_ds.data.tokenize import needs_bos
+
+    try:
+        text = adapter.render(adapter.conversation(prompt or EFUF_CAPTION_PROMPT), add_generation_prompt=True)
+        ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(ids) - ids.count(adapter.image_token_id) + int(needs_bos(adapter.tokenizer, ids))
+    except Exception:  # noqa: BLE001 - no tokenizer or template (a test model): the LLaVA count
+        return PROMPT_TEXT_TOKENS
 
 
 def _checkpointing_on(model) -> bool:
@@ -371,35 +402,208 @@ def _preset_note(name: str) -> str:
 
 # ------------------------------------------------------------------------------------- the step
 
+
+
 @dataclass(frozen=True)
 class StepShape:
-    """How one optimizer step is composed (the recipe's data.* / optim.* / method.name)."""
+    """How one optimizer step is composed (the recipe's data.* / optim.* / method.name).
+
+    Caption data (`data_format="captions"`, the curation's caption records): a micro-batch holds
+    `captions_per_step` captions. Every caption is modelled alike (the worst case of a real mix):
+    `caption_tokens` tokens of response (None: as many as `seq_len` = data.max_length leaves after the
+    image and the prompt, the longest a sequence can be), `pos_spans` grounded and `neg_spans`
+    hallucinated sub-sentences of `span_tokens` tokens each, and, with `sent`, a sent response (its
+    labels cover the whole caption + EOS). Where the spans end, as a fraction of the caption: the
+    j-th of n pos spans at j/n (the last at the caption's end), the j-th of n neg spans at
+    `neg_end` x j/n, so the passes over neg spans only, cut after the last neg token, forward the
+    image + prompt + `neg_end` of the caption. `packing` (data.packing): one sequence per caption
+    carrying all of its spans' losses; false: one sequence per span, cut after it, and one per sent
+    response.
+
+    Per-kind shards (`data_format="per_kind"`, the format before caption records): `per_step` pos /
+    neg / sent samples per micro-batch, each its own sequence (a pos / neg sample is the layout's last
+    span of its kind, cut after it; a sent sample is the whole caption + EOS); `packing` is moot.
+    """
 
     method: str = "sare"
-    seq_len: int = 1024                 # data.max_length: every sample assumed this long (the worst case)
-    per_step: Mapping = field(default_factory=lambda: {"pos": 1, "neg": 1, "sent": 1})  # per micro-batch
+    seq_len: int = 1024                 # data.max_length: no sequence is longer
+    captions_per_step: int = 4          # data.captions_per_step
+    packing: bool = True                # data.packing
+    caption_tokens: int | None = None   # response tokens of a caption (None: fill seq_len)
+    pos_spans: int = 4                  # 4 + 1 spans: a 100-word caption has 5-6 object sub-sentences
+    neg_spans: int = 1
+    sent: bool = True
+    span_tokens: int = 12
+    neg_end: float = 0.5
+    data_format: str = "captions"       # captions | per_kind
+    per_step: Mapping = field(default_factory=lambda: {"pos": 1, "neg": 1, "sent": 1})  # per_kind only
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
 
     def counts(self) -> dict[str, int]:
-        """Samples of each kind in one micro-batch; FT never draws neg samples (data/steps.py)."""
+        """Per-kind samples in one micro-batch (per-kind shards); FT never draws neg samples."""
         return {k: (0 if self.method == "ft" and k == "neg" else int(self.per_step.get(k, 0))) for k in KINDS}
 
-    def passes(self) -> list[tuple[str, int]]:
-        """(pass name, samples in its batch) of one micro-batch, in execution order."""
-        counts = self.counts()
+    def check(self, prefix: int, strict: bool = True) -> None:
+        """Refuse inputs that break a rule; `strict`: also a seq_len with no room for a caption (the
+        CLI's; a measured mean length below it, as the GPU check passes, is planned as 1 caption token)."""
+        if self.data_format not in ("captions", "per_kind"):
+            raise PlanError(f"data_format={self.data_format!r}: captions or per_kind")
+        if self.captions_per_step < 1:
+            raise PlanError(f"captions_per_step={self.captions_per_step}: must be >= 1 (data.captions_per_step)")
+        if not 0.0 < self.neg_end <= 1.0:
+            raise PlanError(f"neg_end={self.neg_end}: the fraction of the caption before the last neg token ends, "
+                            "in (0, 1]")
+        if self.pos_spans < 0 or self.neg_spans < 0 or self.span_tokens < 1:
+            raise PlanError(f"spans {self.pos_spans},{self.neg_spans} of {self.span_tokens} tokens: counts must be "
+                            ">= 0 and spans >= 1 token")
+        if strict and self.seq_len <= prefix + 1:
+            raise PlanError(f"sequence length {self.seq_len} leaves no caption after the {prefix} positions of image "
+                            "and prompt; fix: raise data.max_length / --seq-len")
+        if self.caption_tokens is not None and not 1 <= self.caption_tokens:
+            raise PlanError(f"caption_tokens={self.caption_tokens}: must be >= 1")
+
+    def caption_length(self, prefix: int) -> int:
+        """Response tokens of a caption, within seq_len (room for EOS when it is a sent response)."""
+        room = self.seq_len - prefix - (1 if self.sent else 0)
+        return max(1, min(room, self.caption_tokens if self.caption_tokens is not None else room))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence of a pass's batch: its tokens and its labelled tokens (intervals of positions)."""
+
+    tokens: int
+    labelled: tuple  # ((first, end), ...) positions whose token carries loss, end exclusive
+
+    @property
+    def labelled_tokens(self) -> int:
+        return _union_length(self.labelled)
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """One forward of a step's micro-batch: its rows (right-padded to the longest) and its backwards."""
+
+    name: str
+    kinds: tuple
+    rows: tuple
+    backwards: int = 1   # 2: SARE's shared forward at theta (the graph retained through the first backward)
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+    @property
+    def seq(self) -> int:
+        return max(r.tokens for r in self.rows)
+
+    @property
+    def labelled(self) -> int:
+        """K: the positions whose logits are computed, the union over the batch of the labelled ones
+        (`collate_captions` keeps position t - 1 when any row labels token t)."""
+        return _union_length(tuple(iv for r in self.rows for iv in r.labelled))
+
+
+def _union_length(intervals) -> int:
+    total, reach = 0, None
+    for lo, hi in sorted(intervals):
+        if reach is None or lo > reach:
+            total += hi - lo
+            reach = hi
+        elif hi > reach:
+            total += hi - reach
+            reach = hi
+    return total
+
+
+def caption_layout(step: StepShape, prefix: int) -> dict:
+    """Where a caption's spans lie, in sequence positions (prefix = image + prompt positions before the
+    caption): {"pos": [(first, end), ...], "neg": [...], "sent": [(first, end)] or []} (end exclusive;
+    the sent interval includes EOS)."""
+    c = step.caption_length(prefix)
+
+    def spans(n: int, reach: float) -> list[tuple[int, int]]:
         out = []
-        for name, kinds in METHOD_PASSES[self.method]:
-            n = sum(counts[k] for k in kinds)
-            if n:
-                out.append((name, n))
+        for j in range(1, n + 1):
+            end = max(1, min(c, round(c * reach * j / n)))
+            out.append((prefix + max(0, end - step.span_tokens), prefix + end))
         return out
+
+    return {"pos": spans(step.pos_spans, 1.0), "neg": spans(step.neg_spans, step.neg_end),
+            "sent": [(prefix, prefix + c + 1)] if step.sent else []}
+
+
+def pass_rows(step: StepShape, prefix: int, kinds: Sequence[str]) -> tuple:
+    """The rows of one micro-batch's pass over `kinds` (what `collate_captions` builds: sequences with
+    weight on these kinds, each cut after its last weighted token)."""
+    layout = caption_layout(step, prefix)
+    if step.data_format == "per_kind":
+        counts = step.counts()
+        rows = []
+        for k in kinds:
+            pieces = layout[k][-1:]  # the layout's last span of the kind: the longest cut
+            if not pieces and k in ("pos", "neg"):  # no span of the kind in the layout: one of span_tokens
+                pieces = [(prefix, prefix + min(step.span_tokens, step.caption_length(prefix)))]
+            if k == "sent" and not pieces:
+                c = step.caption_length(prefix)
+                pieces = [(prefix, prefix + c + 1)]
+            rows += [Row(pieces[0][1], (pieces[0],))] * counts[k]
+        return tuple(rows)
+    if step.packing:
+        pieces = tuple(iv for k in kinds for iv in layout[k])
+        if not pieces:
+            return ()
+        return (Row(max(hi for _, hi in pieces), pieces),) * step.captions_per_step
+    per_caption = tuple(Row(hi, ((lo, hi),)) for k in kinds for lo, hi in layout[k])
+    return per_caption * step.captions_per_step
+
+
+def method_passes(method: str, schedule: str = "separate") -> list[tuple[str, tuple, int]]:
+    """(pass name, kinds, backwards) of one micro-batch, in the order sare_ds/train/step.py runs them.
+
+    FT / EFUF: one forward + backward over their kinds. SARE (sare_ds/methods.py: capability at theta,
+    neg at theta + eps*):
+      separate (ZeRO-2/3: one gradient store)  neg at theta, neg at theta + eps*, capability at theta
+      shared (one process, PlainParameterSpace) one forward at theta over all kinds whose graph serves
+                                                two backwards (capability into the gradient with
+                                                retain_graph, then the direction into its buffer),
+                                                then neg at theta + eps*
+    """
+    from sare_ds.methods import get_method
+
+    if schedule not in SCHEDULES:
+        raise PlanError(f"schedule {schedule!r}: separate (ZeRO) or shared (one process)")
+    try:
+        m = get_method(method)
+    except ValueError:
+        raise PlanError(f"method {method!r}: unknown; use ft, efuf or sare") from None
+    if not m.sharpness_aware:
+        return [(m.name, m.kinds, 1)]
+    sharp = tuple(k for k in KINDS if k in m.sharp)
+    at_theta = tuple(k for k in KINDS if k in m.at_theta)
+    name = "_".join(sharp)
+    if schedule == "shared":
+        return [("theta", m.kinds, 2), (f"{name}_at_eps", sharp, 1)]
+    return [(f"{name}_at_theta", sharp, 1), (f"{name}_at_eps", sharp, 1), ("capability", at_theta, 1)]
+
+
+def step_passes(model: "ModelSummary", step: StepShape, schedule: str = "separate") -> list[PassShape]:
+    """The passes of one micro-batch of `step` on `model` (passes with no rows are left out)."""
+    prefix = model.prefix_tokens
+    step.check(prefix, strict=False)
+    out = []
+    for name, kinds, backwards in method_passes(step.method, schedule):
+        rows = pass_rows(step, prefix, kinds)
+        if rows:
+            out.append(PassShape(name, tuple(kinds), rows, backwards))
+    return out
 
 
 def uniform_lengths(per_step: Mapping[str, int], seq_len: float, grad_accum_steps: int = 1,
                     method: str | None = None) -> dict[str, list[float]]:
-    """Sequence lengths by kind of one step's samples on one rank, all `seq_len` long."""
+    """Sequence lengths by kind of one step's samples on one rank, all `seq_len` long (per-kind samples)."""
     out = {}
     for k in KINDS:
         n = 0 if (method == "ft" and k == "neg") else int(per_step.get(k, 0))
@@ -492,30 +696,68 @@ def vision_saved_bytes(model: ModelSummary, images: int, dtype_bytes: int, *, vi
     return tiles * per_tile
 
 
-def logits_saved_bytes(llm: LLMShape, batch: int, seq: int) -> int:
-    """The loss's fp32 log-softmax over the vocabulary, [B, T-1, V] (+ int64 targets, fp32 mask)."""
+def logits_saved_bytes(llm: LLMShape, batch: int, labelled: int, kinds: int = len(KINDS)) -> int:
+    """What the loss keeps, over the K = `labelled` kept positions only (sare_ds/train/losses.py
+    `span_sums` on `model(..., logits_to_keep=keep)`): the fp32 log-softmax [B, K, V] (4V per
+    position), the int64 targets (8), the fp32 token weights of every kind (4 x kinds, what the
+    weighted sum keeps for the NLL's gradient); once: the int64 kept indices of the LM head's gather
+    (8K) and cross-entropy's scalar total weight."""
+    return batch * labelled * (4 * llm.vocab + 8 + 4 * kinds) + 8 * labelled + 4
+
+
+def full_logits_saved_bytes(llm: LLMShape, batch: int, seq: int) -> int:
+    """The loss as it was before `logits_to_keep` (per_sample_nll, kept for evaluation): the fp32
+    log-softmax over the vocabulary at every position, [B, T-1, V] (+ int64 targets, fp32 mask)."""
     return batch * (seq - 1) * (4 * llm.vocab + 8 + 4)
 
 
-def pass_activations(model: ModelSummary, batch: int, seq: int, *, gradient_checkpointing: bool,
-                     masked: bool | None = None, dtype_bytes: int | None = None) -> dict:
-    """Activation memory of one forward + backward over `batch` samples padded to `seq` tokens.
+def loss_peak_bytes(llm: LLMShape, batch: int, labelled: int) -> int:
+    """The loss path's own peak (its backward): what it keeps + the fp32 gradients of the log-softmax's
+    output and input, [B, K, V] each (8V per kept position)."""
+    return logits_saved_bytes(llm, batch, labelled) + batch * labelled * 8 * llm.vocab
+
+
+def full_loss_peak_bytes(llm: LLMShape, batch: int, seq: int) -> int:
+    """The same over every position (the path before `logits_to_keep`): 12V + 12 bytes per position."""
+    return full_logits_saved_bytes(llm, batch, seq) + batch * (seq - 1) * 8 * llm.vocab
+
+
+def pass_activations(model: ModelSummary, batch: int, seq: int, *, labelled: int | None = None,
+                     gradient_checkpointing: bool, backwards: int = 1, masked: bool | None = None,
+                     dtype_bytes: int | None = None) -> dict:
+    """Activation memory of one forward + backward(s) over `batch` sequences padded to `seq` tokens,
+    whose loss reads `labelled` kept positions (K, the union over the batch; default seq - 1, every
+    position).
 
     Returns bytes: `saved` (what autograd keeps when the forward ends), `peak` (the most the pass
     holds at once beyond the static memory) and `phase` (where that peak is), with the parts.
 
-    Peak phases considered:
-      loss backward   everything saved + the loss's gradient [B, T-1, V] in fp32 and the log-softmax
-                      gradient (8 bytes per vocab entry beyond the saved 4);
-      layer backward  (checkpointing) the checkpointed inputs + one recomputed layer's saved set + its
-                      transient MLP gradients (3 [B, T, i] tensors: into down_proj, into the gate's
-                      activation, into up_proj) + the incoming [B, T, h] gradient + the bool [B, 1, T, T]
-                      mask the checkpoints hold; the final norm's saved input is freed by then;
-      vision forward  the tower's hidden states (all layers' outputs are returned) before the LLM runs.
+    `backwards`: 2 for SARE's shared forward at theta: the first backward runs with retain_graph, so
+    nothing saved is freed until the second one (which starts from the same graph: the same peak).
+
+    Peak phases considered (measured where each peaks: tests/test_plan.py, docs/memory_plan.md):
+      loss backward        everything saved + the fp32 gradients of the log-softmax's output and
+                           input, [B, K, V] each (8V per kept position);
+      final norm backward  (one backward) the final RMSNorm's fp32 temporaries, 20h - 4 bytes a token,
+                           the loss's saved tensors freed;
+      layer backward       the top decoder layer's backward: with checkpointing, the checkpointed inputs
+                           + one recomputed layer's saved set; without, the saved set; + its transient
+                           gradients (the three [B, T, i] MLP gradients and the incoming [B, T, h] one);
+                           the loss's saved tensors and the final norm's input are freed by then unless
+                           the graph is retained (two backwards);
+      layer norm backward  (two backwards, no checkpointing) the top layer's post-attention RMSNorm with
+                           nothing freed: its fp32 temporaries + the residual gradient, (20 + s) h a token;
+      forward end          the final RMSNorm's forward (see below);
+      vision forward       the tower's hidden states (all layers' outputs are returned) before the LLM runs.
+    Under checkpointing the checkpoints also hold rotary cos/sin and a padded batch's bool
+    [B, 1, T, T] mask through the backward.
     `masked`: the batch carries an attention mask (padding); default: batch > 1.
     """
+    if backwards not in (1, 2):
+        raise PlanError(f"backwards={backwards}: 1, or 2 (SARE's shared forward)")
     s = dtype_bytes or model.dtype_bytes
     llm, v = model.llm, model.vision
+    labelled = seq - 1 if labelled is None else labelled
     masked = batch > 1 if masked is None else masked
     vision_backward = model.vision_backward(gradient_checkpointing)
     layer = decoder_layer_saved_bytes(llm, batch, seq, s, masked=masked, lora_targets=model.lora_targets,
@@ -526,35 +768,66 @@ def pass_activations(model: ModelSummary, batch: int, seq: int, *, gradient_chec
         "projector": projector_saved_bytes(model, batch, s, vision_backward),
         "vision": vision_saved_bytes(model, batch, s, vision_backward=vision_backward,
                                      gradient_checkpointing=gradient_checkpointing),
-        "logits": logits_saved_bytes(llm, batch, seq),
+        "logits": logits_saved_bytes(llm, batch, labelled),
     }
     saved = sum(parts.values())
-    held = rotary_bytes(llm, seq, s) if gradient_checkpointing else 0  # cos/sin, held by the checkpoints
-    loss_phase = saved + held + batch * (seq - 1) * 8 * llm.vocab
-    phases = {"loss backward": loss_phase}
+    h, bt = llm.hidden, batch * seq
+    # The checkpoints hold the layers' arguments besides their inputs: rotary cos/sin and, in a padded
+    # batch, the bool [B, 1, T, T] mask.
+    held = (rotary_bytes(llm, seq, s) + (batch * seq * seq if masked else 0)) if gradient_checkpointing else 0
+    phases = {"loss backward": saved + held + batch * labelled * 8 * llm.vocab}
+    mlp_grads = bt * s * (3 * llm.intermediate + h)  # into down_proj, the gate's activation, up_proj; + [B, T, h]
+    if backwards == 1:
+        # The final RMSNorm's backward: its fp32 temporaries (5 [B, T, h] fp32 tensors, measured), the loss's
+        # saved tensors freed by then (and the norm's rsqrt, 4 bytes a token).
+        phases["final norm backward"] = saved - parts["logits"] + held + bt * (20 * h - 4)
+        below = saved - parts["logits"] - bt * (4 * h + 4) + held  # the final norm's saved input freed too
+    else:
+        below = saved + held  # the graph is retained: nothing saved is freed in the first backward
     if gradient_checkpointing:
-        # The checkpoints hold the layers' arguments, the bool [B, 1, T, T] mask of a padded batch too.
-        mask_alive = (batch * seq * seq if masked else 0) + rotary_bytes(llm, seq, s)
-        final_norm = batch * seq * (4 * llm.hidden + 4)
-        phases["layer backward"] = (saved - parts["logits"] - final_norm + layer + mask_alive
-                                    + s * batch * seq * (3 * llm.intermediate + llm.hidden))
+        phases["layer backward"] = below + layer + mlp_grads  # + the top layer recomputed
+    else:
+        phases["layer backward"] = below + mlp_grads
+        if backwards == 2:
+            # The top layer's post-attention RMSNorm backward with its MLP's saved tensors still alive: the
+            # norm's fp32 temporaries (20h a token) + the residual stream's gradient (s h).
+            phases["layer norm backward"] = saved + bt * (20 + s) * h
     tiles = batch * model.image_tiles
+    # The forward's end (the final RMSNorm): besides what is saved, the last layer's output and the
+    # merged input embeddings ([B, T, h] each), the norm's fp32 normalised copy and its bf16 cast and
+    # output (4h + 2 s h a token), the bool [B, 1, T, T] mask of a padded batch, the image features
+    # (projector output and its merged copy, 2 s h per image position) and two vision hidden states
+    # per tile (the selected layer and the last). Below the loss's and the layers' backward for real
+    # widths; it can peak in small models with a short loss.
+    phases["forward end"] = (saved - parts["logits"] + (batch * seq * seq if masked else 0)
+                             + bt * (4 + 4 * s) * h + 2 * batch * model.image_tokens * s * h
+                             + 2 * tiles * v.tokens * v.hidden * s)
     phases["vision forward"] = tiles * s * v.tokens * ((v.layers + 1) * v.hidden + 3 * v.intermediate)
     phase = max(phases, key=phases.get)
     return {"saved": saved, "peak": phases[phase], "phase": phase, "parts": parts, "phases": phases,
-            "per_layer": layer}
+            "per_layer": layer, "batch": batch, "seq": seq, "labelled": labelled, "backwards": backwards,
+            "loss_peak": loss_peak_bytes(llm, batch, labelled),
+            "loss_peak_full_logits": full_loss_peak_bytes(llm, batch, seq)}
 
 
-def step_activations(model: ModelSummary, step: StepShape, *, gradient_checkpointing: bool | None = None) -> dict:
+def step_activations(model: ModelSummary, step: StepShape, *, schedule: str = "separate",
+                     gradient_checkpointing: bool | None = None) -> dict:
     """Peak activation memory of an optimizer step: the passes run one after the other and each
-    backward frees its activations, so the step's peak is the largest single pass."""
+    backward frees its activations, so the step's peak is the largest single pass (the shared forward
+    at theta keeps its graph through two backwards: counted in that pass)."""
     gc = step.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     passes = []
-    for name, n in step.passes():
-        a = pass_activations(model, n, step.seq_len, gradient_checkpointing=gc)
-        passes.append({"pass": name, "samples": n, **a})
+    for ps in step_passes(model, step, schedule):
+        a = pass_activations(model, ps.batch, ps.seq, labelled=ps.labelled, gradient_checkpointing=gc,
+                             backwards=ps.backwards)
+        passes.append({"pass": ps.name, "kinds": list(ps.kinds), "samples": ps.batch, "rows": ps.batch,
+                       "tokens": [r.tokens for r in ps.rows], **a})
+    if not passes:
+        raise PlanError(f"the {step.method} step forwards nothing: no span of the kinds it trains "
+                        f"(pos_spans={step.pos_spans}, neg_spans={step.neg_spans}, sent={step.sent})")
     worst = max(passes, key=lambda p: p["peak"])
-    return {"passes": passes, "peak": worst["peak"], "peak_pass": worst["pass"], "gradient_checkpointing": gc}
+    return {"passes": passes, "peak": worst["peak"], "peak_pass": worst["pass"], "gradient_checkpointing": gc,
+            "schedule": schedule}
 
 
 # ------------------------------------------------------------------------------- state memory
@@ -575,6 +848,7 @@ class ZeroSettings:
     persistence_threshold: float = 1e5
     cpu_only: bool = False
     grad_accum_dtype: str | None = None
+    hpz_partition_size: int = 1     # ZeRO++ hpZ: a secondary weight partition over this many ranks (a node)
 
     @classmethod
     def from_json(cls, path: str | Path, dtype: str = "bfloat16") -> "ZeroSettings":
@@ -604,17 +878,20 @@ class ZeroSettings:
             prefetch_bucket_size=num("stage3_prefetch_bucket_size", ZERO_DEFAULTS["stage3_prefetch_bucket_size"]),
             persistence_threshold=num("stage3_param_persistence_threshold",
                                       ZERO_DEFAULTS["stage3_param_persistence_threshold"]),
-            cpu_only=cpu_only, grad_accum_dtype=ds.get("data_types", {}).get("grad_accum_dtype"))
+            cpu_only=cpu_only, grad_accum_dtype=ds.get("data_types", {}).get("grad_accum_dtype"),
+            hpz_partition_size=int(z.get("zero_hpz_partition_size", 1)))
 
 
 PLAIN = ZeroSettings(name="plain (no DeepSpeed)", stage=0, dtype="bfloat16")
 
 
-def state_memory(model: ModelSummary, zero: ZeroSettings, world: int, optimizer: str = "adamw") -> dict:
+def state_memory(model: ModelSummary, zero: ZeroSettings, world: int, optimizer: str = "adamw",
+                 method: str = "sare") -> dict:
     """Per-rank bytes of everything that lives through the step (not the activations).
 
     weights       model dtype: replicated (ZeRO-2, plain) or a 1/world partition + the persistent
-                  parameters whole (ZeRO-3)
+                  parameters whole (ZeRO-3), + with ZeRO++ hpZ (zero_hpz_partition_size) the secondary
+                  partition, 1/min(hpz size, world) of the weights
     gathered      ZeRO-3 only: the weights gathered for the layers in flight, at most
                   stage3_max_live_parameters (+ one whole module), in the model dtype; a copy even
                   at world size 1 (DeepSpeed gathers into new buffers)
@@ -628,9 +905,12 @@ def state_memory(model: ModelSummary, zero: ZeroSettings, world: int, optimizer:
     sare_extra    SARE's own buffers (sare_ds/train/zero_params.py): ZeRO-3 none (perturb writes the
                   low-precision partition, restore copies the fp32 master back; under offload the
                   CPU master and gradient partitions are copied to the GPU for the kernels); ZeRO-2
-                  one fp32 flat buffer of all trainable elements to assemble theta + eps*; plain
-                  none (theta is kept in the dead gradient buffer). Transient: it exists between
-                  the passes, when the activations are freed.
+                  one fp32 flat buffer of all trainable elements to assemble theta + eps*.
+                  Transient: it exists between the passes, when the activations are freed.
+    sare_direction  plain training (one process, PlainParameterSpace), a sharpness-aware method
+                  only: ONE buffer of the trainable size in the weights' dtype, the ascent
+                  direction from the shared forward's second backward, then theta from perturb to
+                  restore, so alive through the perturbed pass's activations (counted as static).
     """
     s = 4 if zero.dtype == "float32" else model.dtype_bytes
     acc = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2}.get(zero.grad_accum_dtype or "", s)
@@ -638,16 +918,23 @@ def state_memory(model: ModelSummary, zero: ZeroSettings, world: int, optimizer:
     part = math.ceil(trainable / world)
     states = 2 if optimizer == "adamw" else 0
     out = {"weights": 0.0, "gathered": 0.0, "master_and_optimizer": 0.0, "gradients": 0.0, "buckets": 0.0,
-           "sare_extra": 0.0, "cpu_optimizer": 0.0}
+           "sare_extra": 0.0, "sare_direction": 0.0, "cpu_optimizer": 0.0}
     if zero.stage == 0:
+        from sare_ds.methods import get_method
+
         out["weights"] = total * s
         out["gradients"] = trainable * s
         out["master_and_optimizer"] = states * trainable * s
+        if get_method(method).sharpness_aware:
+            out["sare_direction"] = trainable * s
         return out
     if zero.stage == 3:
         persistent = sum(n for n in model.param_numels if n <= zero.persistence_threshold) \
             if model.param_numels else model.persistent_params
         out["weights"] = math.ceil(total / world) * s + persistent * s
+        hpz = min(zero.hpz_partition_size, world)
+        if hpz > 1:  # ZeRO++ hpZ: + the secondary partition (1/hpz of the weights), gathered inside a node
+            out["weights"] += math.ceil(total / hpz) * s
         live = min(float(total), zero.max_live_parameters + model.largest_module_params)
         out["gathered"] = live * s
         out["buckets"] = zero.reduce_bucket_size * s if zero.contiguous_gradients else 0.0
@@ -678,33 +965,44 @@ def overhead_bytes(world: int) -> float:
     return (CUDA_CONTEXT_GIB + (NCCL_GIB if world > 1 else 0.0)) * GiB
 
 
+def schedule_of(zero: ZeroSettings) -> str:
+    """SARE's schedule under a config: ZeRO's one gradient store runs three passes; a plain process has
+    a direction buffer and shares one forward at theta (sare_ds/train/step.py)."""
+    return "shared" if zero.stage == 0 else "separate"
+
+
 def rank_peak(model: ModelSummary, step: StepShape, zero: ZeroSettings, world: int,
               activations: dict | None = None) -> dict:
     """Peak allocated bytes per rank (what torch.cuda.max_memory_allocated would say) and the total
-    the GPU must have (+ fragmentation margin, CUDA context, NCCL)."""
-    state = state_memory(model, zero, world, step.optimizer)
-    acts = activations or step_activations(model, step)
+    the GPU must have (+ fragmentation margin, CUDA context, NCCL). `activations`: `step_activations`
+    of the step under this config's schedule (computed when absent or of the other schedule)."""
+    state = state_memory(model, zero, world, step.optimizer, step.method)
+    schedule = schedule_of(zero)
+    acts = activations if activations and activations.get("schedule", "separate") == schedule else \
+        step_activations(model, step, schedule=schedule)
     static = static_bytes(state)
     # SARE's perturb/restore buffers exist between passes, when no activation is alive.
     extra = state["sare_extra"] if step.method == "sare" else 0.0
     allocated = static + max(acts["peak"], extra)
     needed = allocated * (1 + FRAGMENTATION) + overhead_bytes(world)
     return {"state": state, "static": static, "activations": acts["peak"], "peak_pass": acts["peak_pass"],
-            "allocated": allocated, "needed": needed}
+            "schedule": schedule, "allocated": allocated, "needed": needed}
 
 
 # ------------------------------------------------------------------------------------- FLOPs
 
 def _sample_flops(model: ModelSummary, seq: float, images: float, *, gradient_checkpointing: bool,
-                  vision_backward: bool) -> dict:
-    """FLOPs of one sample's forward and backward (frozen LLM and tower, trainable projector/LoRA)."""
+                  vision_backward: bool, head_tokens: float | None = None) -> dict:
+    """FLOPs of one sequence's forward and ONE backward (frozen LLM and tower, trainable projector/LoRA);
+    the LM head runs on `head_tokens` positions (the kept ones; default: every position)."""
     llm, v = model.llm, model.vision
+    head_tokens = seq if head_tokens is None else head_tokens
     tiles = images * model.image_tiles
     lora = _lora_params_per_layer(model)
     base_layer_linear = llm.layer_linear_params - lora
     attention_fwd = 4 * seq * seq * llm.heads * llm.head_dim * llm.layers          # QK^T and PV, full T x T
     layers_fwd = 2 * seq * llm.layer_linear_params * llm.layers + attention_fwd
-    head_fwd = 2 * seq * llm.lm_head_params
+    head_fwd = 2 * head_tokens * llm.lm_head_params
     vision_layer_fwd = 2 * v.tokens * v.layer_linear_params + 4 * v.tokens * v.tokens * v.hidden
     vision_fwd = tiles * (v.layers * vision_layer_fwd + 2 * (v.tokens - 1) * v.patch_embed_params)
     features = tiles * (v.tokens - 1)
@@ -742,24 +1040,68 @@ def _lora_params_per_layer(model: ModelSummary) -> int:
     return sum(r * (dims[t][0] + dims[t][1]) for t in model.lora_targets if t in dims)
 
 
+def pass_flops(model: ModelSummary, ps: PassShape, *, gradient_checkpointing: bool) -> dict:
+    """FLOPs of one pass of one micro-batch: one forward of its rows and `ps.backwards` backwards.
+
+    model     each row at its own length, the LM head on its own labelled positions: the work the
+              rows need
+    hardware  what runs: every row at the padded length, the LM head on the batch's K kept positions,
+              + one recompute forward of the decoder per backward (gradient checkpointing), + a
+              backward through the frozen vision tower per backward if the graph enters it
+    """
+    vision_backward = model.vision_backward(gradient_checkpointing)
+    b = ps.backwards
+
+    def one(tokens, head):
+        return _sample_flops(model, float(tokens), 1.0, gradient_checkpointing=gradient_checkpointing,
+                             vision_backward=vision_backward, head_tokens=float(head))
+
+    model_flops = 0.0
+    for r in ps.rows:
+        f = one(r.tokens, r.labelled_tokens)
+        model_flops += f["forward"] + b * f["backward"]
+    f = one(ps.seq, ps.labelled)
+    hardware = ps.batch * (f["forward"] + b * (f["backward"] + f["recompute"] + f["vision_backward"]))
+    return {"pass": ps.name, "rows": ps.batch, "seq": ps.seq, "labelled": ps.labelled, "backwards": b,
+            "tokens": sum(r.tokens for r in ps.rows), "model": model_flops, "hardware": hardware}
+
+
+def plan_flops(model: ModelSummary, step: StepShape, schedule: str = "separate") -> dict:
+    """FLOPs of one optimizer step on one rank: the passes of every micro-batch (`step_passes`).
+
+    Returns {"model", "hardware", "tokens" (forwarded per step), "passes"}. MFU = model / (step time x
+    peak FLOP/s). Packed vs unpacked differ in the tokens forwarded: a packed caption forwards its
+    image and prompt once for all of its spans, unpacked once per span (and per sent response).
+    """
+    passes = [pass_flops(model, ps, gradient_checkpointing=step.gradient_checkpointing)
+              for ps in step_passes(model, step, schedule)]
+    n = step.grad_accum_steps
+    return {"model": n * sum(p["model"] for p in passes), "hardware": n * sum(p["hardware"] for p in passes),
+            "tokens": n * sum(p["tokens"] for p in passes), "passes": passes, "schedule": schedule}
+
+
 def step_flops(model, method: str, lengths_by_kind: Mapping[str, Sequence[float]],
-               images_by_kind: Mapping[str, float] | None = None, gradient_checkpointing: bool = False) -> dict:
-    """FLOPs of one optimizer step on one rank.
+               images_by_kind: Mapping[str, float] | None = None, gradient_checkpointing: bool = False,
+               schedule: str = "separate") -> dict:
+    """FLOPs of one optimizer step on one rank, from per-kind sample lengths (the per-kind format, and
+    what the GPU check knows of a run: its mean tokens per sample). `plan_flops` is the caption model.
 
     model            a ModelSummary (`summarize(model_cfg)`), or an MLLMAdapter whose trainable set is chosen
     method           ft | efuf | sare
     lengths_by_kind  kind -> the sequence lengths (image positions included) of the step's samples of that
                      kind on this rank, over all micro-batches; `uniform_lengths` builds them
     images_by_kind   kind -> images per sample (default 1)
+    schedule         SARE's: separate (ZeRO: neg at theta, neg at theta + eps*, capability) or shared
+                     (one process: one forward at theta with two backwards, then neg at theta + eps*)
     Per step: FT forwards and backwards the pos + sent samples; EFUF all three kinds once; SARE the
-    neg samples twice (at theta and theta + eps*) and pos + sent once.
+    neg samples twice and pos + sent once (separate), or all once with two backwards and neg once
+    more (shared). The LM head is counted at every position (the lengths say nothing of labels).
 
     Returns {"model": model FLOPs (forward + the backward the update needs), "hardware": + the
     recompute forward of gradient checkpointing + a backward through the frozen vision tower if the
     graph enters it, "passes": per-pass detail}. MFU = model / (step time x peak FLOP/s).
     """
-    if method not in METHOD_PASSES:
-        raise PlanError(f"method {method!r}: unknown; use ft, efuf or sare")
+    passes_of_method = method_passes(method, schedule)
     if not isinstance(model, ModelSummary):
         dtype = {4: "float32", 2: "bfloat16"}[next(model.model.parameters()).element_size()]
         model = summarize_adapter(model, dtype=dtype)
@@ -767,16 +1109,14 @@ def step_flops(model, method: str, lengths_by_kind: Mapping[str, Sequence[float]
     vision_backward = model.vision_backward(gradient_checkpointing)
     total_model = total_hw = 0.0
     passes = []
-    for name, kinds in METHOD_PASSES[method]:
+    for name, kinds, backwards in passes_of_method:
         f = {"forward": 0.0, "backward": 0.0, "recompute": 0.0, "vision_backward": 0.0}
         for kind in kinds:
-            if method == "ft" and kind == "neg":
-                continue
             for seq in lengths_by_kind.get(kind, ()):
                 one = _sample_flops(model, float(seq), float(images_by_kind.get(kind, 1)),
                                     gradient_checkpointing=gradient_checkpointing, vision_backward=vision_backward)
                 for k in f:
-                    f[k] += one[k]
+                    f[k] += one[k] * (1 if k == "forward" else backwards)
         m = f["forward"] + f["backward"]
         hw = m + f["recompute"] + f["vision_backward"]
         passes.append({"pass": name, **f, "model": m, "hardware": hw})
@@ -815,40 +1155,73 @@ def recommend(fits: Mapping[str, bool]) -> str | None:
     return next((n for n, ok in fits.items() if ok), None)
 
 
+def caption_row(model: ModelSummary, step: StepShape) -> Row:
+    """One caption as one packed sequence (every span of it, and its sent response): the unit of a
+    packed micro-batch."""
+    layout = caption_layout(step, model.prefix_tokens)
+    pieces = tuple(iv for k in KINDS for iv in layout[k])
+    return Row(max(hi for _, hi in pieces) if pieces else model.prefix_tokens + 1, pieces)
+
+
+def flops_table(model: ModelSummary, step: StepShape) -> dict:
+    """FT / EFUF / SARE (ZeRO's separate passes, and the one-process shared forward) FLOPs per step:
+    packed and unpacked for caption data, per-kind samples otherwise."""
+    variants = ({"per_kind": step} if step.data_format == "per_kind" else
+                {"packed": dataclasses.replace(step, packing=True),
+                 "unpacked": dataclasses.replace(step, packing=False)})
+    out = {}
+    for label, st in variants.items():
+        out[label] = {
+            "ft": plan_flops(model, dataclasses.replace(st, method="ft")),
+            "efuf": plan_flops(model, dataclasses.replace(st, method="efuf")),
+            "sare": plan_flops(model, dataclasses.replace(st, method="sare"), "separate"),
+            "sare_shared": plan_flops(model, dataclasses.replace(st, method="sare"), "shared"),
+        }
+    return out
+
+
 def plan_run(model: ModelSummary, step: StepShape, gpus: int, gpu_mem_gib: float,
              configs: Sequence[ZeroSettings] | None = None, recipe_ds_config: str = "") -> dict:
     """Everything the CLI prints, as one dict (JSON-able)."""
     if gpus < 1:
         raise PlanError(f"--gpus {gpus}: must be >= 1")
-    if step.seq_len <= model.image_tokens:
-        raise PlanError(f"sequence length {step.seq_len} <= the {model.image_tokens} image positions of one image; "
-                        "fix: raise data.max_length / --seq-len")
+    step.check(model.prefix_tokens)
     configs_given = configs
     configs = list(configs) if configs is not None else gpu_configs()
-    acts = step_activations(model, step)
+    acts = {sch: step_activations(model, step, schedule=sch) for sch in SCHEDULES}
     acts_other = step_activations(model, step, gradient_checkpointing=not step.gradient_checkpointing)
-    per_sample = {gc: pass_activations(model, 1, step.seq_len, gradient_checkpointing=gc) for gc in (False, True)}
+    unit = caption_row(model, step)
+    per_caption = {gc: pass_activations(model, 1, unit.tokens, labelled=unit.labelled_tokens, gradient_checkpointing=gc)
+                   for gc in (False, True)}
     rows = {}
     for z in configs:
-        r = rank_peak(model, step, z, gpus, acts)
+        r = rank_peak(model, step, z, gpus, acts[schedule_of(z)])
         r["fits"] = r["needed"] <= gpu_mem_gib * GiB
         rows[z.name] = r
-    lengths = uniform_lengths(step.per_step, step.seq_len, step.grad_accum_steps)
-    flops = {m: step_flops(model, m, lengths, gradient_checkpointing=step.gradient_checkpointing)
-             for m in ("ft", "efuf", "sare")}
+    plain = None
+    if gpus == 1:
+        plain = rank_peak(model, step, dataclasses.replace(PLAIN, dtype=model.dtype), 1, acts["shared"])
+        plain["fits"] = plain["needed"] <= gpu_mem_gib * GiB
     return {
         "model": {"source": model.source, "family": model.family, "dtype": model.dtype, "note": model.note,
                   "params": model.params, "trainable": model.trainable, "trainable_rule": model.trainable_rule,
                   "image_tokens": model.image_tokens, "image_tiles": model.image_tiles,
+                  "prompt_tokens": model.prompt_tokens, "vocab": model.llm.vocab,
                   "vision_backward": model.vision_backward(step.gradient_checkpointing)},
-        "step": dataclasses.asdict(step) | {"per_step": dict(step.per_step), "passes": step.passes()},
+        "step": dataclasses.asdict(step) | {"per_step": dict(step.per_step),
+                                            "caption_tokens": step.caption_length(model.prefix_tokens),
+                                            "passes": {sch: [(p["pass"], p["rows"], p["seq"], p["labelled"])
+                                                             for p in acts[sch]["passes"]] for sch in SCHEDULES}},
         "gpus": gpus, "gpu_mem_gib": gpu_mem_gib,
-        "activations_per_sample": {("checkpointing" if gc else "no_checkpointing"): a for gc, a in per_sample.items()},
-        "activations": acts, "activations_other_checkpointing": acts_other,
+        "activations_per_caption": {("checkpointing" if gc else "no_checkpointing"): a
+                                    for gc, a in per_caption.items()},
+        "activations": acts["separate"], "activations_shared": acts["shared"],
+        "activations_other_checkpointing": acts_other,
         "configs": rows, "recommended": recommend({n: r["fits"] for n, r in rows.items()}),
+        "plain": plain,
         "recipe_ds_config": Path(recipe_ds_config).name if recipe_ds_config else "",
         "cpu_configs": cpu_configs() if configs_given is None else [],
-        "flops": flops,
+        "flops": flops_table(model, step),
         "assumptions": {"cuda_context_gib": CUDA_CONTEXT_GIB, "nccl_gib": NCCL_GIB if gpus > 1 else 0.0,
                         "fragmentation": FRAGMENTATION},
     }
@@ -860,14 +1233,49 @@ def gib(x: float) -> str:
     return f"{x / GiB:.2f}"
 
 
+def mib(x: float) -> str:
+    return f"{x / 2 ** 20:.1f}"
+
+
 def _tflop(x: float) -> str:
     return f"{x / 1e12:.1f}"
+
+
+def describe_step(st: Mapping, m: Mapping) -> str:
+    """One line (wrapped) of what a micro-batch holds."""
+    gc = "on" if st["gradient_checkpointing"] else "off"
+    if st["data_format"] == "per_kind":
+        per = st["per_step"]
+        return (f"{st['method'].upper()}, per-kind samples: {per.get('pos', 0)} pos + {per.get('neg', 0)} neg + "
+                f"{per.get('sent', 0)} sent per micro-batch x {st['grad_accum_steps']} micro-batch(es), each its own "
+                f"sequence (max_length {st['seq_len']}); gradient checkpointing {gc}")
+    return (f"{st['method'].upper()}, {'packed' if st['packing'] else 'unpacked (one sequence per span)'}: "
+            f"{st['captions_per_step']} caption(s) per micro-batch x {st['grad_accum_steps']} micro-batch(es); "
+            f"a caption: {m['image_tokens']} image + {m['prompt_tokens']} prompt positions + {st['caption_tokens']} "
+            f"caption tokens{' + EOS (a sent response)' if st['sent'] else ''}, {st['pos_spans']} pos + "
+            f"{st['neg_spans']} neg spans of {st['span_tokens']} tokens, the last neg token at "
+            f"{100 * st['neg_end']:g} % of the caption; max_length {st['seq_len']}; gradient checkpointing {gc}")
+
+
+def _wrap(text: str, indent: str, width: int = 110) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=" " * (len(indent) + 2))
+
+
+def _pass_lines(acts: dict, vocab: int) -> list[str]:
+    lines = [f"  {'pass':<14}{'rows x tokens':>15}{'labelled':>10}{'backwards':>11}   "
+             f"{'loss peak MiB (all positions)':>30}   activation peak GiB"]
+    for ps in acts["passes"]:
+        lines.append(f"  {ps['pass']:<14}{str(ps['rows']) + ' x ' + str(ps['seq']):>15}{ps['labelled']:>10}"
+                     f"{ps['backwards']:>11}   {mib(ps['loss_peak']):>19} ({mib(ps['loss_peak_full_logits']):>8})"
+                     f"   {gib(ps['peak']):>9} ({ps['phase']})")
+    return lines
 
 
 def format_plan(plan: dict) -> str:
     m, st = plan["model"], plan["step"]
     p, t = m["params"], m["trainable"]
-    per = st["per_step"]
     lines = [
         f"Memory and cost plan: {m['source']} ({m['dtype']}), {plan['gpus']} GPU(s) of {plan['gpu_mem_gib']:g} GiB",
         *([f"  model      {m['note']}"] if m["note"] else []),
@@ -875,29 +1283,33 @@ def format_plan(plan: dict) -> str:
         f"LLM {p['llm']:,}" + (f" + other {p['other']:,}" if p["other"] else ""),
         f"  trainable  {t['total']:,} ({m['trainable_rule']}: projector {t['projector']:,}"
         + (f", LLM {t['llm']:,}" if t["llm"] else "") + (f", vision {t['vision']:,}" if t["vision"] else "") + ")",
-        f"  step       {st['method'].upper()}: {per.get('pos', 0)} pos + {per.get('neg', 0)} neg + "
-        f"{per.get('sent', 0)} "
-        f"sent per micro-batch x {st['grad_accum_steps']} micro-batch(es); every sample {st['seq_len']} tokens "
-        f"({m['image_tokens']} image positions, {m['image_tiles']} vision tile(s) per image); gradient checkpointing "
-        f"{'on' if st['gradient_checkpointing'] else 'off'}",
+        *_wrap(describe_step(st, m), "  step       "),
         "",
-        "Activations (GiB)                        no checkpointing   checkpointing",
     ]
-    a0, a1 = plan["activations_per_sample"]["no_checkpointing"], plan["activations_per_sample"]["checkpointing"]
-    lines.append(f"  one sample: kept for the backward     {gib(a0['saved']):>16}   {gib(a1['saved']):>13}")
-    lines.append(f"  one sample: peak of its pass          {gib(a0['peak']):>16}   {gib(a1['peak']):>13}")
-    lines.append(f"    of which the loss's log-softmax     {gib(a0['parts']['logits']):>16}   "
-                 f"{gib(a1['parts']['logits']):>13}")
+    a0, a1 = plan["activations_per_caption"]["no_checkpointing"], plan["activations_per_caption"]["checkpointing"]
+    lines += [
+        f"One caption as one sequence ({a0['seq']} tokens, {a0['labelled']} labelled)   no checkpointing   "
+        "checkpointing" + ("   (a sent sample of the per-kind format)" if st["data_format"] == "per_kind" else ""),
+        f"  kept for the backward (GiB)                    {gib(a0['saved']):>16}   {gib(a1['saved']):>13}",
+        f"  peak of its pass (GiB)                         {gib(a0['peak']):>16}   {gib(a1['peak']):>13}",
+        f"  the loss: fp32 logits of the labelled positions, peak {mib(a0['loss_peak'])} MiB "
+        f"(over all {a0['seq'] - 1} positions, as before logits_to_keep: {mib(a0['loss_peak_full_logits'])} MiB)",
+        "",
+    ]
     acts = plan["activations"]
-    lines.append("")
-    lines.append(f"Passes of one micro-batch (one after the other; each backward frees its activations), "
-                 f"checkpointing {'on' if acts['gradient_checkpointing'] else 'off'}:")
-    for ps in acts["passes"]:
-        lines.append(f"  {ps['pass']:<14} {ps['samples']} sample(s)  peak {gib(ps['peak'])} GiB ({ps['phase']})")
+    gc = "on" if acts["gradient_checkpointing"] else "off"
+    lines.append(f"Passes of one micro-batch under ZeRO (one after the other; each backward frees its activations), "
+                 f"checkpointing {gc}:")
+    lines += _pass_lines(acts, m["vocab"])
     lines.append(f"  -> the step's activation peak is the {acts['peak_pass']} pass: {gib(acts['peak'])} GiB")
     other = plan["activations_other_checkpointing"]
     lines.append(f"     (checkpointing {'on' if other['gradient_checkpointing'] else 'off'}: {gib(other['peak'])} GiB, "
                  f"{other['peak_pass']} pass)")
+    shared = plan["activations_shared"]
+    if len(shared["passes"]) != len(acts["passes"]) or st["method"] == "sare":
+        lines.append("One process without DeepSpeed (one forward at theta whose graph serves two backwards):")
+        lines += _pass_lines(shared, m["vocab"])
+        lines.append(f"  -> peak: the {shared['peak_pass']} pass, {gib(shared['peak'])} GiB")
     if m["vision_backward"]:
         lines.append("  note: the backward enters the frozen vision tower (its output requires grad once gradient "
                      "checkpointing is on); counted above and in the hardware FLOPs")
@@ -920,7 +1332,7 @@ def format_plan(plan: dict) -> str:
     lines.append(f"  {'fits in ' + format(plan['gpu_mem_gib'], 'g') + ' GiB':<28}" +
                  "".join(f"{'yes' if plan['configs'][n]['fits'] else 'NO':>22}" for n in names))
     rec = plan["recommended"]
-    none_fits = "none fits: more GPUs, a shorter data.max_length or a larger GPU"
+    none_fits = "none fits: more GPUs, a shorter data.max_length, fewer data.captions_per_step or a larger GPU"
     lines.append(f"  recommended: {'ds_configs/' + rec if rec else none_fits}")
     if plan.get("cpu_configs"):
         lines.append(f"  (not planned: {', '.join(plan['cpu_configs'])}, for CPU ranks)")
@@ -929,27 +1341,50 @@ def format_plan(plan: dict) -> str:
         row = plan["configs"].get(chosen)
         verdict = ("not a GPU config here" if row is None else "fits" if row["fits"] else "does NOT fit")
         lines.append(f"  the recipe's distributed.ds_config: {chosen} ({verdict})")
+    plain = plan.get("plain")
+    if plain:
+        lines.append(f"  one process without DeepSpeed (plain AdamW, states in {m['dtype']}, SARE's direction buffer "
+                     f"{gib(plain['state']['sare_direction'])}): allocated {gib(plain['allocated'])}, needed "
+                     f"{gib(plain['needed'])} GiB")
     lines.append("")
-    lines.append("FLOPs per optimizer step per rank (TFLOP)   model   hardware")
-    for name in ("ft", "efuf", "sare"):
-        f = plan["flops"][name]
-        lines.append(f"  {name.upper():<42}{_tflop(f['model']):>6}   {_tflop(f['hardware']):>8}")
-    e, s = plan["flops"]["efuf"]["model"], plan["flops"]["sare"]["model"]
-    if e:
-        lines.append(f"  SARE / EFUF = {s / e:.2f}x (model FLOPs)")
-    return "\n".join(lines)
+    flops = plan["flops"]
+    labels = list(flops)
+    lines.append("FLOPs per optimizer step per rank (TFLOP)" + "".join(f"{lab:>24}" for lab in labels))
+    lines.append(f"{'':<41}" + "".join(f"{'model':>12}{'hardware':>12}" for _ in labels))
+    names = (("ft", "FT"), ("efuf", "EFUF"), ("sare", "SARE, ZeRO (3 passes)"),
+             ("sare_shared", "SARE, one process (shared forward)"))
+    for key, label in names:
+        lines.append(f"  {label:<39}" + "".join(f"{_tflop(flops[lab][key]['model']):>12}"
+                                                f"{_tflop(flops[lab][key]['hardware']):>12}" for lab in labels))
+    lines.append(f"  {'tokens forwarded (SARE, ZeRO)':<39}" + "".join(f"{flops[lab]['sare']['tokens']:>12,}{'':>12}"
+                                                                     for lab in labels))
+    for lab in labels:
+        e = flops[lab]["efuf"]["model"]
+        if e:
+            lines.append(f"  {lab}: SARE / EFUF = {flops[lab]['sare']['model'] / e:.2f}x (ZeRO), "
+                         f"{flops[lab]['sare_shared']['model'] / e:.2f}x (one process), model FLOPs")
+    if "unpacked" in flops:
+        ratios = ", ".join(f"{label.split(',')[0] if key != 'sare_shared' else 'SARE one process'} "
+                           f"{flops['unpacked'][key]['model'] / flops['packed'][key]['model']:.2f}x"
+                           for key, label in names if flops["packed"][key]["model"])
+        lines.append(f"  unpacked / packed (model FLOPs): {ratios}")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def table(rows_of_models: Sequence[tuple[str, ModelSummary, StepShape]], gpus: Sequence[int] = TABLE_GPUS,
           memory: Sequence[float] = TABLE_MEMORY_GIB,
           configs: Sequence[ZeroSettings] | None = None) -> tuple[str, list[dict]]:
     """THE TABLE of docs/memory_plan.md: per model x GPUs x GPU memory the recommended ds_config and the
-    GiB a GPU needs with it; then what each config needs per rank (independent of the GPU's size)."""
+    GiB a GPU needs with it; then what each config needs per rank (independent of the GPU's size); then
+    each model's peak pass and its loss term (labelled positions vs every position, as before)."""
     configs = list(configs) if configs is not None else gpu_configs()
     head = "| model | tokens | " + " | ".join(f"{n} x {g:g} GiB" for g in memory for n in gpus) + " |"
     lines = [head, "|" + "---|" * (2 + len(gpus) * len(memory))]
     needed_lines = ["| model | ds_config | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in gpus) + " |",
                     "|" + "---|" * (2 + len(gpus))]
+    pass_lines = ["| model | peak pass (ZeRO) | rows x tokens | labelled K | loss peak, labelled (MiB) | "
+                  "loss peak, all positions as before (MiB) | activation peak (GiB) |",
+                  "|---|---|---|---|---|---|---|"]
     records = []
     for label, model, step in rows_of_models:
         acts = step_activations(model, step)
@@ -965,58 +1400,98 @@ def table(rows_of_models: Sequence[tuple[str, ModelSummary, StepShape]], gpus: S
                     best = min(rows[n], key=lambda k: rows[n][k]["needed"])
                     cells.append(f"does not fit ({best.replace('.json', '')}: {rows[n][best]['needed'] / GiB:.0f})")
                 records.append({"model": label, "source": model.source, "seq_len": step.seq_len, "gpus": n,
-                                "gpu_mem_gib": g, "recommended": rec,
+                                "gpu_mem_gib": g, "recommended": rec, "captions_per_step": step.captions_per_step,
+                                "packing": step.packing,
                                 "needed_gib": {k: r["needed"] / GiB for k, r in rows[n].items()}})
         lines.append(f"| {label} ({model.total_params / 1e9:.1f}B) | {step.seq_len} | " + " | ".join(cells) + " |")
         for z in configs:
             needed_lines.append(f"| {label} | {z.name.replace('.json', '')} | "
                                 + " | ".join(f"{rows[n][z.name]['needed'] / GiB:.1f}" for n in gpus) + " |")
-    text = "\n".join(lines) + "\n\nGiB a GPU needs per rank, by config:\n\n" + "\n".join(needed_lines)
+        worst = next(p for p in acts["passes"] if p["pass"] == acts["peak_pass"])
+        pass_lines.append(f"| {label} | {worst['pass']} ({worst['phase']}) | {worst['rows']} x {worst['seq']} | "
+                          f"{worst['labelled']} | {mib(worst['loss_peak'])} | {mib(worst['loss_peak_full_logits'])} | "
+                          f"{gib(worst['peak'])} |")
+    text = ("\n".join(lines) + "\n\nGiB a GPU needs per rank, by config:\n\n" + "\n".join(needed_lines)
+            + "\n\nThe peak pass and its loss term (fp32 logits and their gradients):\n\n" + "\n".join(pass_lines))
     return text, records
 
 
 # ------------------------------------------------------------------------ measuring (validation)
 
-def measure_pass(adapter, lengths: Sequence[int], *, gradient_checkpointing: bool = False, seed: int = 0) -> dict:
-    """Run ONE forward + backward of a batch on the CPU with real tensors and measure it.
+def measure_batch(adapter, lengths: Sequence[int], labelled: Sequence[int] | None = None, seed: int = 0):
+    """A collated batch of the training loss path (`collate_captions`) with random tokens: one
+    TokenizedCaption per entry of `lengths` (image placeholder expanded after BOS), its last
+    `labelled[b]` tokens weighted (default: every token after the image), the weight spread over the
+    three kinds (pos, neg, sent), so every kind's sum and both of SARE's shared-forward backwards
+    see every labelled token. Returns (batch, the image's LLM positions)."""
+    import torch
+    from PIL import Image
+
+    from sare_ds.data.tokenize import TokenizedCaption, collate_captions
+
+    model = adapter.model
+    image = adapter.image_inputs(Image.new("RGB", DEFAULT_IMAGE_SIZE, (90, 140, 200)))
+    n_image = image.num_image_tokens
+    labelled = list(labelled) if labelled is not None else [n - 1 - n_image for n in lengths]
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    items = []
+    for n, k in zip(lengths, labelled):
+        if not 1 <= k <= n - 1 - n_image:
+            raise PlanError(f"labelled={k}: a {n}-token sequence has {n - 1 - n_image} tokens after BOS and the image")
+        ids = torch.randint(3, min(1000, vocab), (n,), generator=gen)
+        ids[ids == adapter.image_token_id] = 3
+        ids[1:1 + n_image] = adapter.image_token_id
+        weights = torch.zeros(len(KINDS), n)
+        weights[:, n - k:] = torch.rand(len(KINDS), k, generator=gen) + 0.1
+        labels = torch.full((n,), -100, dtype=torch.long)
+        labels[n - k:] = ids[n - k:]
+        items.append(TokenizedCaption(ids, labels, weights, torch.ones(len(KINDS)), image.tensors))
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    return collate_captions(items, pad, KINDS), n_image
+
+
+BACKWARD_MARK = "sare_ds.plan::backward"
+
+
+def measure_pass(adapter, lengths: Sequence[int], *, labelled: Sequence[int] | None = None,
+                 gradient_checkpointing: bool = False, backwards: int = 1, seed: int = 0) -> dict:
+    """Run ONE forward + backward of a batch on the CPU with real tensors, through the training loss
+    path (sare_ds/train/step.py: `collate_captions`, `model(..., logits_to_keep=keep)`, `span_sums`),
+    and measure it.
 
     `adapter`: a small model (built with real weights, its trainable set chosen, training mode).
-    `lengths`: each sample's length (the batch pads to the longest with an attention mask).
+    `lengths`: each sequence's length (the batch pads to the longest with an attention mask);
+    `labelled`: each sequence's labelled tokens, at its end (`measure_batch`).
+    `backwards`: 1, or 2 for SARE's shared forward at theta: the capability backward (pos + sent)
+    with retain_graph, then the direction backward (neg) through the same graph.
     Returns bytes: `saved` (autograd's saved tensors when the forward ends, deduplicated by storage,
     parameters excluded), `saved_by_part` (llm_layers / llm_shared / projector / vision / logits,
-    attributed by the module that saved them), and `peak` (the CPU allocator's peak during forward +
-    backward above what was allocated before, from torch.profiler's allocation events).
+    attributed by the module that saved them; `logits`: the LM head's gather and the loss), and `peak`
+    (the CPU allocator's peak during forward + backward(s) above what was allocated before, from
+    torch.profiler's allocation events); `labelled`: K, the kept positions (the union over the batch).
     """
     import gc
     import weakref
 
     import torch
-    from PIL import Image
     from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    from sare_ds.train.losses import per_sample_nll
+    from sare_ds.train.losses import span_sums
 
+    if backwards not in (1, 2):
+        raise PlanError(f"backwards={backwards}: 1 (one loss) or 2 (SARE's shared forward)")
     model = adapter.model
-    image = adapter.image_inputs(Image.new("RGB", DEFAULT_IMAGE_SIZE, (90, 140, 200)))
-    batch, seq = len(lengths), max(lengths)
-    gen = torch.Generator().manual_seed(seed)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(3, min(1000, vocab), (batch, seq), generator=gen)
-    ids[ids == adapter.image_token_id] = 3
-    ids[:, 1:1 + image.num_image_tokens] = adapter.image_token_id
-    mask = torch.zeros(batch, seq, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, :n] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, : image.num_image_tokens + 1] = -100
+    batch, n_image = measure_batch(adapter, lengths, labelled, seed)
     dtype = next(model.parameters()).dtype
-    inputs = {k: torch.cat([v] * batch).to(dtype if v.is_floating_point() else v.dtype)
-              for k, v in image.tensors.items()}
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in adapter.forward_inputs(batch).items()}
+    keep, targets, weights = batch["keep"], batch["targets"], batch["weights"]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    stack = ["logits"]  # outside every module: the loss (its fp32 log-softmax)
+    stack = ["logits"]  # outside every module: the LM head's gather, the loss (its fp32 log-softmax)
     hooks = []
-    for name, module in model.named_modules():
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the names of the model
+    for name, module in base.named_modules():
         part = ("vision" if "vision_tower" in name else "projector" if "multi_modal_projector" in name
                 else "llm_layers" if re.search(r"layers\.\d+", name) and "language_model" in name
                 else "llm_shared" if "language_model" in name or name.endswith("model") else None)
@@ -1040,7 +1515,6 @@ def measure_pass(adapter, lengths: Sequence[int], *, gradient_checkpointing: boo
             entry[1].append((weakref.ref(t), stack[-1]))
         return t
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     was_on = _set_checkpointing(base, gradient_checkpointing)
     model.train()
     # One thread: parallel kernels' per-thread scratch buffers stay out of the peak, the measurement
@@ -1050,8 +1524,8 @@ def measure_pass(adapter, lengths: Sequence[int], *, gradient_checkpointing: boo
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits = model(input_ids=ids, attention_mask=mask, **inputs).logits
-                loss = per_sample_nll(logits, labels).sum()
+                logits = model(**inputs, logits_to_keep=keep).logits
+                sums = span_sums(logits, targets, weights)
             del logits
             gc.collect()
             alive = {}
@@ -1060,7 +1534,13 @@ def measure_pass(adapter, lengths: Sequence[int], *, gradient_checkpointing: boo
                 if living:
                     alive[ptr] = (n, living[-1])  # the latest saver keeps it
             saved_bytes = sum(n for n, _ in alive.values())
-            loss.backward()
+            with record_function(BACKWARD_MARK):
+                if backwards == 1:
+                    sums.sum().backward()
+                else:
+                    (sums[0] + sums[2]).backward(retain_graph=True)   # capability: pos + sent, into .grad
+                    trainable = [p for p in model.parameters() if p.requires_grad]
+                    torch.autograd.grad(-sums[1], trainable, allow_unused=True)  # the ascent direction
     finally:
         torch.set_num_threads(threads)
         for h in hooks:
@@ -1069,21 +1549,35 @@ def measure_pass(adapter, lengths: Sequence[int], *, gradient_checkpointing: boo
     model.zero_grad(set_to_none=True)
     events = []
 
-    def walk(nodes):
+    marks = []
+
+    def walk(nodes, path):
         for node in nodes:
             if node.tag == _EventType.Allocation:
-                events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
-            walk(node.children)
+                events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated,
+                               path))
+                continue
+            if node.name == BACKWARD_MARK:
+                marks.append(node.start_time_ns)
+            walk(node.children, path + (node.name,))
 
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    events.sort()
+    walk(prof.profiler.kineto_results.experimental_event_tree(), ())
+    events.sort(key=lambda e: e[0])
     base = events[0][2] - events[0][1] if events else 0
-    peak = max((total for _, _, total in events), default=base) - base
+    start = min(marks) if marks else float("inf")
+    top = max(events, key=lambda e: e[2]) if events else (0, 0, base, ())
+    forward = max((e[2] for e in events if e[0] < start), default=base) - base
+    # Where the peak is: the innermost backward node, else the operator (in the forward, or outside a node).
+    where = next((n.split(": ")[-1] for n in reversed(top[3]) if "Backward" in n),
+                 next((n for n in reversed(top[3]) if n.startswith("aten::")), ""))
+    if top[0] < start:
+        where = f"forward ({where})"
     by_part: dict[str, int] = {}
     for n, part in alive.values():
         by_part[part] = by_part.get(part, 0) + n
-    return {"saved": saved_bytes, "saved_by_part": by_part, "peak": peak, "batch": batch, "seq": seq,
-            "image_tokens": image.num_image_tokens}
+    return {"saved": saved_bytes, "saved_by_part": by_part, "peak": top[2] - base, "peak_at": where,
+            "peak_forward": forward,
+            "batch": len(lengths), "seq": max(lengths), "labelled": int(keep.numel()), "image_tokens": n_image}
 
 
 # ------------------------------------------------------------------------------ recipes, CLI help
@@ -1125,10 +1619,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()):
     return cfg, raw
 
 
-def step_from_config(cfg, raw: Mapping | None = None) -> StepShape:
-    """The StepShape of a training config (data.*_per_step, data.max_length, optim.grad_accum_steps, ...)."""
+def step_from_config(cfg, raw: Mapping | None = None, data_format: str = "captions") -> StepShape:
+    """The StepShape of a training config: data.captions_per_step, data.packing, data.max_length,
+    optim.grad_accum_steps, method.name, model.gradient_checkpointing, optim.optimizer; with
+    `data_format="per_kind"` (shards of the format before caption records) data.*_per_step instead."""
     d = cfg.data
     return StepShape(method=cfg.method.name, seq_len=d.max_length,
+                     captions_per_step=int(d.captions_per_step), packing=bool(d.packing),
+                     data_format=data_format,
                      per_step={"pos": d.pos_per_step, "neg": d.neg_per_step, "sent": d.sent_per_step},
                      grad_accum_steps=cfg.optim.grad_accum_steps,
                      gradient_checkpointing=bool(cfg.model.gradient_checkpointing), optimizer=cfg.optim.optimizer)
@@ -1138,8 +1636,9 @@ def table_rows(models: Sequence[tuple[str, str, int]] = TABLE_MODELS, root: Path
     """(label, ModelSummary, StepShape, where the settings came from) for each row of THE TABLE.
 
     A row takes its recipe's settings when the recipe states them (data.max_length and
-    model.gradient_checkpointing written in the YAML); otherwise the documented ones: SARE,
-    1 pos + 1 neg + 1 sent per micro-batch, 1 micro-batch, checkpointing on, the row's length.
+    model.gradient_checkpointing written in the YAML; data.captions_per_step and data.packing from
+    the recipe or the config's defaults); otherwise the documented ones: SARE, 4 packed captions per
+    micro-batch, 1 micro-batch, checkpointing on, the row's length.
     """
     from sare_ds.config import ModelConfig
 

@@ -1,6 +1,7 @@
 """Curation: window scores against a direct per-window computation, the split rules with injected
-scores, curation's use of the CHAIR vocabulary, shards + manifest + histogram, every skipped-input
-case, resume after an interruption, calibration, shard inputs and the real MLLM captioner.
+scores (caption spans against the per-sample split), curation's use of the CHAIR vocabulary, caption
+shards + manifest + histogram, every skipped-input case, resume after an interruption, converting an
+old per-kind directory, calibration, shard inputs and the real MLLM captioner.
 
     .venv/bin/python -m pytest tests/test_curation.py -q
 """
@@ -9,6 +10,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +23,25 @@ from PIL import Image
 from sare_ds.config import ConfigError
 from sare_ds.curation.calibrate import calibrate_dir, propose_thresholds
 from sare_ds.curation.config import ClipConfig, CurationConfig, load_curation_config
+from sare_ds.curation.convert import convert_to_captions
 from sare_ds.curation.pipeline import ResumeMismatchError, curate
 from sare_ds.curation.scoring import TINY_CLIP_NAME, ClipScorer, window_grid
-from sare_ds.curation.split import ObjectScore, split_caption
+from sare_ds.curation.split import ObjectScore, split_caption, split_caption_spans
 from sare_ds.curation.synthetic_coco import write_synthetic_coco
-from sare_ds.data.shards import iter_samples
+from sare_ds.data.samples import KINDS, Caption
+from sare_ds.data.shards import (
+    ShardWriter,
+    iter_captions,
+    iter_members,
+    iter_samples,
+    list_shards,
+    make_record,
+    read_manifest,
+    shard_format,
+    shard_index,
+    shard_name,
+)
+from sare_ds.data.subsentence import fragments
 
 
 # --------------------------------------------------------------------------- window scores
@@ -125,6 +143,64 @@ def test_split_with_injected_scores():
     assert [s.kind for s in none] == ["pos"]  # 23 is not > t1, and not < t1 either
 
 
+def per_sample_reference(caption, objects, t0, t1, t2, exclusive):
+    """The per-sample split as curation wrote it before caption records, written plainly: (kind, object,
+    context, target, score) per sample, the sent sample last."""
+    def fragment(o):
+        for a, b in fragments(caption):
+            if a <= o.start and o.end <= b:
+                return caption[:a], caption[a:b]
+        return None
+
+    neg_fragments = {fragment(o) for o in objects if o.score < t1} - {None}
+    out = []
+    for o in objects:
+        f = fragment(o)
+        if f is not None and o.score > t0 and not (exclusive and f in neg_fragments):
+            out.append(("pos", o.category, *f, o.score))
+        elif f is not None and o.score < t1:
+            out.append(("neg", o.category, *f, o.score))
+    scores = [o.score for o in objects]
+    if scores and sum(scores) / len(scores) > t2 and min(scores) > t1:
+        out.append(("sent", "", "", caption, sum(scores) / len(scores)))
+    return out
+
+
+def test_caption_spans_equal_the_per_sample_split():
+    """A span [start, end) is the per-sample target caption[start:end], its context caption[:start]; the
+    sent flag is the sent sample. Random captions, scores around the thresholds, both fragment rules."""
+    rng = np.random.default_rng(0)
+    words = ["dog", "cat", "cup", "car", "bird", "a", "the", "runs", "near", "two", "big", "on"]
+    n_spans = n_sent = 0
+    for trial in range(300):
+        tokens = rng.choice(words, size=int(rng.integers(1, 16)))
+        caption = "".join(str(w) + (str(rng.choice([" ", " ", " ", ", ", ". ", "; ", "! "]))) for w in tokens).strip()
+        objects, seen = [], set()
+        for cat in ("dog", "cat", "cup", "car", "bird"):
+            at = caption.find(cat)
+            if at < 0 or cat in seen:
+                continue
+            seen.add(cat)
+            end = at + len(cat) + (3 if rng.random() < 0.1 else 0)  # now and then across a delimiter
+            objects.append(ObjectScore(cat, cat, at, min(end, len(caption)), float(rng.uniform(15, 40))))
+        objects.sort(key=lambda o: o.start)
+        exclusive = bool(trial % 2)
+        split = split_caption_spans(caption, objects, 32, 23, 27.5, exclusive)
+        got = [(s.kind, s.object, caption[:s.start], caption[s.start:s.end], s.score) for s in split.spans]
+        if split.sent:
+            got.append(("sent", "", "", caption, split.sent_score))
+        assert got == per_sample_reference(caption, objects, 32, 23, 27.5, exclusive), caption
+        assert split.empty == (not got)
+        if objects:
+            assert split.sent_min_score == min(o.score for o in objects)
+        # The per-sample view is the same rule.
+        samples, _ = split_caption(caption, objects, 32, 23, 27.5, exclusive)
+        assert [(s.kind, s.object, s.context, s.target, s.score) for s in samples] == got
+        n_spans += len(split.spans)
+        n_sent += split.sent
+    assert n_spans > 200 and n_sent > 10  # the cases were exercised
+
+
 # --------------------------------------------------------------------------- the run
 
 class FakeScorer:
@@ -163,22 +239,40 @@ def config(tmp_path, images, **over) -> CurationConfig:
 
 
 def test_curate_uses_vocabulary_and_writes_shards(tmp_path):
-    images = make_folder(tmp_path / "imgs", 4)
+    images = make_folder(tmp_path / "imgs", 5)
     captions = {
         "000": "Two puppies chase a frisbee. A toilet seat is up, a baby bird sits on it.",
         "001": "A man rides a motor bike past a hot dog stand.",
         "002": "Teddy bears sit on a couch; a passenger jet flies over.",
         "003": "A red cup.",
+        "004": "A chair.",  # 25: between t1 and t0, mean below t2: nothing to train, not written
     }
     scorer = FakeScorer({"puppies": 40, "frisbee": 10, "toilet seat": 35, "baby bird": 30, "man": 36,
                          "motor bike": 20, "hot dog": 33, "teddy bears": 34, "couch": 34, "passenger jet": 31,
-                         "cup": 40})
+                         "cup": 40, "chair": 25})
     cap = fake_captioner(captions)
     manifest = curate(config(tmp_path, images, **{"split.exclusive_fragments": "true"}), captioner=cap, scorer=scorer)
     asked = [o for call in scorer.calls for objs in call for o in objs]
     assert asked == ["puppies", "frisbee", "toilet seat", "baby bird", "man", "motor bike", "hot dog",
-                     "teddy bears", "couch", "passenger jet", "cup"]
-    got = {(s.image_id, s.kind, s.object): s for s in iter_samples(tmp_path / "out")}
+                     "teddy bears", "couch", "passenger jet", "cup", "chair"]
+    # One record per caption with something to train, Caption.to_json() beside its image, in cap-<chunk>.tar.
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["cap-000000.tar", "cap-000001.tar"]
+    members = list(iter_members(str(out / "cap-000000.tar")))
+    assert [k for k, _ in members] == ["000000_0000000", "000000_0000001", "000000_0000002"]
+    assert all(set(m) == {"png", "json"} for _, m in members)
+    first = json.loads(members[0][1]["json"])
+    assert set(first) == {"image_id", "prompt", "caption", "spans", "sent", "sent_score", "sent_min_score"}
+    assert first["caption"] == captions["000"] and first["sent"] is False
+    assert [(s["kind"], s["object"], captions["000"][s["start"]:s["end"]]) for s in first["spans"]] == [
+        ("neg", "frisbee", "Two puppies chase a frisbee"), ("pos", "toilet", " A toilet seat is up")]
+    caps = {c.image_id: c for c in iter_captions(out)}
+    assert set(caps) == {"000", "001", "002", "003"}
+    assert (caps["002"].sent, caps["002"].sent_score, caps["002"].sent_min_score) == (
+        True, pytest.approx((34 + 34 + 31) / 3), 31)
+    assert all(isinstance(c, Caption) and c.check() is None for c in caps.values())
+    # The per-sample view (iter_samples unpacks caption shards) is what the per-sample format held.
+    got = {(s.image_id, s.kind, s.object): s for s in iter_samples(out)}
     # "puppies" (dog, 40) shares its fragment with the hallucinated frisbee, "man" (person) with the
     # hallucinated motor bike (so is "hot dog"): exclusive fragments drop those pos candidates.
     assert set(got) == {
@@ -195,15 +289,18 @@ def test_curate_uses_vocabulary_and_writes_shards(tmp_path):
     assert sent.meta["caption"] == captions["002"] and sent.prompt == CurationConfig().caption.prompt
     assert got["003", "pos", "cup"].image.getpixel((0, 0)) == (60, 50, 50)
     assert manifest["dropped_candidates"] == {"pos_fragment_names_neg_object": 3}  # dog, person, hot dog
-    assert manifest["counts"] == {"pos": 4, "neg": 2, "sent": 2}
-    assert sum(s["count"] for s in manifest["shards"]) == 8
-    assert {s["name"] for s in manifest["shards"]} == {p.name for p in (tmp_path / "out").glob("*.tar")}
+    assert manifest["format"] == "captions" and shard_format(out) == "captions"
+    assert manifest["counts"] == {"captions": 4, "pos": 4, "neg": 2, "sent": 2}
+    assert manifest["nothing_to_train"] == 1 and manifest["images"] == {"input": 5, "curated": 5}
+    assert sum(s["count"] for s in manifest["shards"]) == 4
+    assert [(s["name"], s["kind"], s["chunk"]) for s in manifest["shards"]] == [
+        ("cap-000000.tar", "cap", 0), ("cap-000001.tar", "cap", 1)]
     assert manifest["config"]["split"]["t0"] == 32.0 and "torch" in manifest["versions"]
-    assert (tmp_path / "out" / "scores.png").stat().st_size > 1000
-    assert cap.calls == [["000", "001", "002"], ["003"]]
+    assert (out / "scores.png").stat().st_size > 1000
+    assert cap.calls == [["000", "001", "002"], ["003", "004"]]
     # The default (the method) keeps those three pos samples.
     default = curate(config(tmp_path / "default", images), captioner=fake_captioner(captions), scorer=scorer)
-    assert default["counts"] == {"pos": 7, "neg": 2, "sent": 2} and default["dropped_candidates"] == {}
+    assert default["counts"] == {"captions": 4, "pos": 7, "neg": 2, "sent": 2} and default["dropped_candidates"] == {}
 
 
 def test_skipped_inputs_are_counted(tmp_path):
@@ -232,7 +329,7 @@ def test_resume_redoes_only_unfinished_chunks(tmp_path):
     cfg = config(tmp_path / "b", images)
     assert curate(cfg, captioner=fake_captioner(captions), scorer=FakeScorer(scores), max_chunks=1) is None
     out = tmp_path / "b" / "out"
-    (out / "neg-000001.tar.tmp").write_bytes(b"half a shard")  # what a killed writer leaves
+    (out / "cap-000001.tar.tmp").write_bytes(b"half a shard")  # what a killed writer leaves
     cap = fake_captioner(captions)
     resumed = curate(cfg, captioner=cap, scorer=FakeScorer(scores))
     assert cap.calls == [["003", "004", "005"], ["006", "007"]]  # chunk 0 was not redone
@@ -242,6 +339,86 @@ def test_resume_redoes_only_unfinished_chunks(tmp_path):
         assert (out / shard["name"]).read_bytes() == (tmp_path / "a" / "out" / shard["name"]).read_bytes()
     with pytest.raises(ResumeMismatchError, match="split.t0"):
         curate(config(tmp_path / "b", images, **{"split.t0": 35}), captioner=cap, scorer=FakeScorer(scores))
+    # A directory of the per-sample format is not resumed into caption shards (the two would mix).
+    old = tmp_path / "old"
+    write_per_sample_dir(out, old)
+    cfg.output.dir = str(old)
+    with pytest.raises(ResumeMismatchError, match="per-sample format.*launch/curate.py convert"):
+        curate(cfg, captioner=cap, scorer=FakeScorer(scores))
+
+
+def write_per_sample_dir(caption_dir: Path, old_dir: Path) -> None:
+    """What curation wrote before caption records, made from a caption directory: per chunk one shard
+    per kind of one record per sample (make_record, the whole caption in its "caption" field), and a
+    manifest of the old format string (same images, thresholds, config)."""
+    shards, counts = [], {k: 0 for k in KINDS}
+    for url in list_shards(caption_dir):
+        chunk, writers = shard_index(url), {}
+        for _, members in iter_members(url):
+            cap = Caption.from_json(json.loads(members["json"]), None)
+            ext = "png" if "png" in members else "jpg"
+            for smp in cap.unpack():
+                w = writers.setdefault(smp.kind, ShardWriter(old_dir / shard_name(smp.kind, chunk)))
+                w.write(f"{chunk:06d}_{w.count:07d}", members[ext], ext, make_record(
+                    cap.image_id, cap.prompt, smp.context, smp.target, smp.kind, smp.object, smp.score, cap.caption))
+                counts[smp.kind] += 1
+        shards += [{"name": w.path.name, "kind": k, "count": w.commit(), "chunk": chunk} for k, w in writers.items()]
+    manifest = {k: v for k, v in read_manifest(caption_dir).items() if k != "nothing_to_train"}
+    manifest.update(format="sare_ds curated shards v1", counts=counts,
+                    shards=sorted(shards, key=lambda s: (KINDS.index(s["kind"]), s["chunk"])))
+    (old_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def caption_table(captions) -> dict:
+    """image id -> what a caption record says (spans sorted; the mean score of a caption that is not sent
+    and the minimum score, which the per-sample format did not keep, left out)."""
+    return {c.image_id: (c.prompt, c.caption, sorted((s.start, s.end, s.kind, s.object, s.score) for s in c.spans),
+                         c.sent, pytest.approx(c.sent_score) if c.sent else None) for c in captions}
+
+
+def test_convert_old_directory_round_trip(tmp_path):
+    images = make_folder(tmp_path / "imgs", 8)
+    captions = {
+        "000": "A dog and a cat, number 0.",      # one fragment, a pos and a neg span (the method's default)
+        "001": "A bird sits on a chair. A cup.",   # pos chair, sent
+        "002": "A car.",                           # neg only
+        "003": "A bird.",                          # sent only
+        "004": "A chair.",                         # pos and sent
+        "005": "Nothing here.",                    # no object: skipped
+        "006": "A cup.",                           # 28: nothing to train
+        "007": "A toilet, a dog and a car.",       # pos dog, neg car
+    }
+    scores = {"dog": 40, "cat": 10, "bird": 30, "chair": 34, "cup": 26, "car": 10, "toilet": 28}
+    fresh = curate(config(tmp_path / "a", images), captioner=fake_captioner(captions), scorer=FakeScorer(scores))
+    assert fresh["counts"] == {"captions": 6, "pos": 4, "neg": 3, "sent": 3} and fresh["nothing_to_train"] == 1
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_per_sample_dir(tmp_path / "a" / "out", old)
+    assert shard_format(old) == "samples" and sorted(p.name for p in old.glob("*.tar")) == [
+        "neg-000000.tar", "neg-000002.tar", "pos-000000.tar", "pos-000001.tar", "pos-000002.tar",
+        "sent-000000.tar", "sent-000001.tar"]
+    reference = caption_table(iter_captions(tmp_path / "a" / "out"))
+    # Read as it is: the per-kind samples grouped into the same captions.
+    assert caption_table(iter_captions(old)) == reference
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "launch/curate.py"), "convert", str(old), str(new)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"written: {new}/manifest.json and 3 caption shard(s) (6 captions)" in proc.stdout
+    manifest = read_manifest(new)
+    assert manifest["format"] == "captions" and shard_format(new) == "captions"
+    assert manifest["converted_from"]["dir"] == str(old.resolve()) and manifest["converted_from"]["format"] == "samples"
+    assert manifest["counts"] == fresh["counts"] and manifest["thresholds"] == fresh["thresholds"]
+    assert [s["name"] for s in manifest["shards"]] == ["cap-000000.tar", "cap-000001.tar", "cap-000002.tar"]
+    converted = list(iter_captions(new))
+    assert caption_table(converted) == reference
+    by_id = {c.image_id: c for c in converted}
+    assert by_id["001"].sent_min_score == by_id["001"].sent_score  # the old format kept the mean only
+    assert by_id["004"].image.getpixel((0, 0)) == (80, 50, 50)  # images copied unchanged
+    assert not list(new.glob("*.tmp"))
+    with pytest.raises(FileExistsError, match="already holds shards"):
+        convert_to_captions(old, new)
+    with pytest.raises(ValueError, match="already holds caption shards"):
+        convert_to_captions(new, tmp_path / "again")
 
 
 def test_two_ranks_write_what_one_rank_writes(tmp_path):

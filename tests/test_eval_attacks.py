@@ -61,10 +61,11 @@ def test_attack_data_from_webdataset_shards(tmp_path):
 
 
 def test_probe_gap_equals_the_steps_sharpness_gap(adapter, tmp_path):
-    from sare_ds.data.tokenize import tokenize_sample
+    from sare_ds.data.samples import Caption
+    from sare_ds.data.tokenize import tokenize_caption
     from sare_ds.eval.probe import plot_landscape
     from sare_ds.train.params import PlainParameterSpace
-    from sare_ds.train.step import UnlearningStep, collate_groups
+    from sare_ds.train.step import UnlearningStep
 
     samples = load_neg_samples("synthetic", 4)
     probe = sharpness_probe(adapter, samples, rho=0.05, num_radii=3, num_random=2, batch_size=8)
@@ -79,9 +80,9 @@ def test_probe_gap_equals_the_steps_sharpness_gap(adapter, tmp_path):
     params = [p for p in params if p.requires_grad]
     space = PlainParameterSpace(params, torch.optim.SGD(params, lr=0.0))
     step = UnlearningStep(adapter.model, adapter.forward_inputs, space, MethodConfig(name="sare", rho=0.05),
-                          device=torch.device("cpu"), dtype=torch.float32)
-    micro = {"neg": [tokenize_sample(s, adapter, 512) for s in samples]}
-    metrics = step([collate_groups(micro, "sare", adapter.tokenizer.pad_token_id)])
+                          device=torch.device("cpu"), dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id)
+    micro = [s for smp in samples for s in tokenize_caption(Caption.from_sample(smp), adapter, 512)]
+    metrics = step([micro])
     assert probe["sharpness_gap"] == pytest.approx(float(metrics["sam/sharpness_gap"]), rel=1e-4, abs=1e-6)
     assert probe["sharpness_gap"] > 0  # ascent direction of L_neg
     assert plot_landscape(probe, tmp_path / "l.png").stat().st_size > 1000
@@ -107,7 +108,9 @@ def test_weights_loader_applies_a_run(tiny_model_dir, tmp_path):
 def _run_cli(script, argv, monkeypatch):
     monkeypatch.setattr(sys, "argv", [script, *argv])
     monkeypatch.setattr(sys, "stdout", io.StringIO())
-    runpy.run_path(script, run_name="__main__")
+    # main() in this process: the script's `__main__` block leaves through os._exit (sare_ds.dist.run_main),
+    # which would end pytest itself; that exit path is tested in tests/test_dist.py.
+    runpy.run_path(script, run_name="cli")["main"]()
 
 
 def test_evaluate_and_attack_clis_end_to_end(tiny_model_dir, tmp_path, monkeypatch):

@@ -165,7 +165,7 @@ def test_no_usable_sample_names_the_skip_reasons(tmp_path):
         "model.name_or_path=preset:llava-1.5-7b-reduced", "data.source=synthetic", "data.num_images=4",
         f"data.max_length={fixed['text'] + fixed['image_max'] + 2}", f"output.run_dir={tmp_path}",
         "logging.progress_bar=false"])
-    with pytest.raises(BadSampleError, match=r"no usable \w+ sample .* by reason: \d+ x longer than "
+    with pytest.raises(BadSampleError, match=r"no usable caption .* by reason: \d+ x longer than "
                                              r"data.max_length = \d+"):
         train(cfg)
 

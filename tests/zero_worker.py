@@ -24,8 +24,8 @@ from sare_ds.config import load_config  # noqa: E402
 from sare_ds.dist import init_distributed  # noqa: E402
 from sare_ds.models import load_mllm, select_trainable  # noqa: E402
 from sare_ds.train.ds_config import build_ds_config  # noqa: E402
-from sare_ds.train.step import UnlearningStep, collate_groups  # noqa: E402
-from sare_ds.train.trainer import build_data, build_deepspeed  # noqa: E402
+from sare_ds.train.step import UnlearningStep  # noqa: E402
+from sare_ds.train.trainer import build_data, build_deepspeed, sequences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,9 +57,9 @@ def run(model_dir: str, threshold: float, info) -> dict:
     params = [p for p in adapter.model.parameters() if p.requires_grad]
     rt = build_deepspeed(cfg, adapter.model, params, ds, info, 4)
     step = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device,
-                          dtype=torch.float32)
+                          dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id)
     composer, _ = build_data(cfg, adapter, info, 0)
-    batches = [[collate_groups(mb, "sare", adapter.tokenizer.pad_token_id) for mb in micro] for micro in composer]
+    batches = [[sequences(mb) for mb in micro] for micro in composer]
     tparams = rt.space.params
     persistent = sum(bool(getattr(p, "ds_persist", False)) for p in tparams)
 

@@ -6,14 +6,15 @@
    open_clip local scores, shards written; with the time spent captioning and scoring;
 2. window reuse: local scores of images with several objects, windows encoded once for all
    objects vs once per object (what a per-object loop would cost);
-3. stream samples/s per worker (read, shuffle, decode, chat-template tokenisation, batch) next
-   to the rate at which a SARE training step of the tiny model consumes samples.
+3. stream captions/s per worker (read, shuffle, decode, chat-template tokenisation, batch) next
+   to the rate at which a SARE training step of the tiny model consumes captions (packed).
 """
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 import io
+import time
 from pathlib import Path
 
 import sare_ds  # noqa: F401  (torchvision guard first)
@@ -85,55 +86,65 @@ def bench_window_reuse(n_images: int = 8, n_objects: int = 6) -> None:
 
 
 def bench_stream(shards: Path, model_dir: Path, steps: int = 10) -> None:
+    import dataclasses
+
     from sare_ds.config import MethodConfig, ModelConfig
+    from sare_ds.data.samples import Span
+    from sare_ds.data.shards import ShardWriter, iter_captions, shard_name
     from sare_ds.data.stream import ShardStream
+    from sare_ds.data.tokenize import tokenize_caption
     from sare_ds.models import load_mllm, select_trainable
     from sare_ds.train.params import PlainParameterSpace
-    from sare_ds.train.step import UnlearningStep, collate_groups
+    from sare_ds.train.step import UnlearningStep
 
-    from sare_ds.data.shards import ShardWriter, iter_samples, make_record, shard_name
-
-    # Random tiny CLIP scores do not split into all kinds; re-label the curated samples round-robin
-    # (kind only: images and texts are the curated ones) into 4 shards per kind.
+    # Random tiny CLIP scores do not split into all kinds; re-label the curated captions' spans
+    # round-robin pos/neg and every other caption sent (kinds only: images and texts are the curated
+    # ones), into 4 caption shards.
     stream_dir = shards.parent / "stream"
-    samples = list(iter_samples(shards))
-    writers = {(k, i): ShardWriter(stream_dir / shard_name(k, i)) for k in ("pos", "neg", "sent") for i in range(4)}
-    for n, smp in enumerate(samples):
-        kind, index = ("pos", "neg", "sent")[n % 3], (n // 3) % 4
+    writers = [ShardWriter(stream_dir / shard_name("cap", i)) for i in range(4)]
+    n = 0
+    for cap in iter_captions(shards):
+        spans = [dataclasses.replace(sp, kind=("pos", "neg")[(n + j) % 2]) for j, sp in enumerate(cap.spans)]
+        if not spans:
+            spans = [Span(0, len(cap.caption), "neg", "", 15.0)]
+        cap = dataclasses.replace(cap, spans=spans, sent=n % 2 == 0)
         buf = io.BytesIO()
-        smp.image.save(buf, format="PNG")
-        w = writers[kind, index]
-        w.write(f"{index:06d}_{w.count:07d}", buf.getvalue(), "png",
-                make_record(smp.image_id, smp.prompt, smp.context, smp.target, kind, smp.object, smp.score,
-                            smp.meta["caption"]))
-    for w in writers.values():
+        cap.image.save(buf, format="PNG")
+        w = writers[n % 4]
+        w.write(f"{n % 4:06d}_{w.count:07d}", buf.getvalue(), "png", cap.to_json())
+        n += 1
+    for w in writers:
         w.commit()
     shards = stream_dir
     adapter = load_mllm(ModelConfig(name_or_path=str(model_dir)))
-    per_step = {"pos": 1, "neg": 1, "sent": 1}
+    per_step = {"cap": 2}
+    tokenize = functools.partial(tokenize_caption, adapter=adapter, max_length=512)
     for workers in (0, 2):
         stream = ShardStream(shards, adapter, per_step=per_step, epochs=50, num_workers=workers, max_steps=200)
         t = time.perf_counter()
-        n = sum(len(v) for step in stream for mb in step for v in mb.values())
+        count = sum(len(v) for step in stream for mb in step for v in mb.values())
         dt = time.perf_counter() - t
-        print(f"[stream] num_workers={workers}: {n} samples in {dt:.2f} s = {n / dt:.0f} samples/s "
-              f"({n / dt / max(1, workers):.0f} per worker; includes worker start-up)")
+        print(f"[stream] num_workers={workers}: {count} captions in {dt:.2f} s = {count / dt:.0f} captions/s "
+              f"({count / dt / max(1, workers):.0f} per worker; includes worker start-up)")
     model_cfg = ModelConfig(name_or_path=str(model_dir))
     select_trainable(adapter, model_cfg)
     params = [p for p in adapter.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     space = PlainParameterSpace(params, opt, None, 1.0)
-    step_fn = UnlearningStep(adapter.model, adapter.forward_inputs, space, MethodConfig(), device=torch.device("cpu"),
-                             dtype=torch.float32, check_finite=False)
     pad = adapter.tokenizer.pad_token_id or 0
-    batches = list(ShardStream(shards, adapter, per_step=per_step, epochs=50, max_steps=steps + 2))
-    for mb in batches[:2]:  # warm-up
-        step_fn([collate_groups(m, "sare", pad) for m in mb])
+    step_fn = UnlearningStep(adapter.model, adapter.forward_inputs, space, MethodConfig(), device=torch.device("cpu"),
+                             dtype=torch.float32, pad_token_id=pad, check_finite=False)
+    batches = list(ShardStream(shards, adapter, per_step=per_step, epochs=50, max_steps=steps + 2,
+                               tokenize=lambda c: tokenize(c)))
+    micro = [[[s for item in mb["cap"] for s in item] for mb in step] for step in batches]
+    for mb in micro[:2]:  # warm-up
+        step_fn(mb)
     t = time.perf_counter()
-    for mb in batches[2:]:
-        step_fn([collate_groups(m, "sare", pad) for m in mb])
+    for mb in micro[2:]:
+        step_fn(mb)
     dt = time.perf_counter() - t
-    print(f"[train] tiny LLaVA SARE step on CPU: {dt / steps * 1e3:.0f} ms/step = {3 * steps / dt:.0f} samples/s consumed")
+    print(f"[train] tiny LLaVA SARE step on CPU (packed captions): {dt / steps * 1e3:.0f} ms/step = "
+          f"{per_step['cap'] * steps / dt:.0f} captions/s consumed")
 
 
 def main() -> None:

@@ -122,10 +122,10 @@ class SplitConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/curated"
-    """Output directory: shards `{kind}-{index:06d}.tar`, manifest.json, scores.png, progress in .chunks/."""
+    """Output directory: caption shards `cap-{index:06d}.tar`, manifest.json, scores.png, progress in .chunks/."""
     images_per_chunk: int = 1000
-    """Images per unit of work; each chunk writes one shard per kind, so this sets the shard size and
-    the work an interruption can lose (the stream deals samples, not whole shards, to its slots)."""
+    """Images per unit of work; each chunk writes one caption shard, so this sets the shard size and
+    the work an interruption can lose (the stream deals captions, not whole shards, to its slots)."""
     image_format: str = "png"
     """Encoding of the image member: `png` (lossless) or `jpg`; source bytes already in that format are
     copied unchanged."""
@@ -158,7 +158,7 @@ class CurationConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     """The CLIP model and how object scores are computed."""
     split: SplitConfig = field(default_factory=SplitConfig)
-    """Thresholds that turn scores into pos / neg / sent samples."""
+    """Thresholds that turn scores into pos / neg spans and sent captions."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Shards, manifest, histogram."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)

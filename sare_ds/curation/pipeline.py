@@ -1,14 +1,20 @@
 """EFUF curation (docs/method.md section 2): caption, find objects, score them with CLIP, split
-into pos / neg / sent samples and write WebDataset shards, a manifest and a score histogram.
+each caption into its pos / neg spans and sent flag, and write caption records to WebDataset
+shards, a manifest and a score histogram.
 
     manifest = curate(load_curation_config("curate.yaml", overrides))
 
+One record per caption (`sare_ds.data.samples.Caption.to_json()`: image, prompt, caption text,
+spans as character offsets, sent flag with mean and minimum score), so training forwards each
+image and caption once; a caption with no span that is not a sent response is not written
+(counted as `nothing_to_train`). Format: sare_ds/data/shards.py, docs/curation.md.
+
 Work is cut into chunks of `output.images_per_chunk` input images (one input shard for
-shard inputs). Chunk c is done by rank c % world_size and writes `pos-c.tar`, `neg-c.tar`,
-`sent-c.tar` (kinds with no sample are not written), each under a temporary name renamed
-when complete, then its record `.chunks/chunk-c.json` (counts, skipped inputs by reason,
-scores) last: that record is the chunk's "done" mark, so an interrupted run redoes only the
-chunks without one. Rank 0 writes manifest.json and scores.png when all chunks are done.
+shard inputs). Chunk c is done by rank c % world_size and writes `cap-c.tar` (not written when
+no caption of the chunk has anything to train), under a temporary name renamed when complete,
+then its record `.chunks/chunk-c.json` (counts, skipped inputs by reason, scores) last: that
+record is the chunk's "done" mark, so an interrupted run redoes only the chunks without one.
+Rank 0 writes manifest.json and scores.png when all chunks are done.
 
 Ranks share no long-lived collective: ranks own unequal numbers of chunks (c % world), and a
 barrier at the end would time out on the idle ranks while a 7B model still captions. Every rank
@@ -43,14 +49,25 @@ from sare_ds.eval.distributed import rank_and_world as process_group_rank_and_wo
 from sare_ds.curation.calibrate import plot_scores
 from sare_ds.curation.config import CurationConfig, save_curation_config
 from sare_ds.curation.inputs import LoadedImage, load_item, open_source
-from sare_ds.curation.split import ObjectScore, first_mentions, split_caption
-from sare_ds.data.samples import KINDS
-from sare_ds.data.shards import MANIFEST, SHARD_RE, ShardWriter, make_record, shard_name
+from sare_ds.curation.split import ObjectScore, first_mentions, split_caption_spans
+from sare_ds.data.samples import KINDS, Caption
+from sare_ds.data.shards import (
+    CAPTION_KIND,
+    FORMAT_CAPTIONS,
+    MANIFEST,
+    SHARD_RE,
+    ShardWriter,
+    shard_kind,
+    shard_name,
+)
 
 log = logging.getLogger("sare_ds.curation")
 
 CHUNKS = ".chunks"
-FORMAT = "sare_ds curated shards v1"
+FORMAT = FORMAT_CAPTIONS
+"""The manifest's (and each chunk record's) "format": caption records (docs/curation.md)."""
+COUNT_KEYS = ("captions",) + KINDS
+"""What a chunk record and the manifest count: captions written, pos / neg spans, sent captions."""
 # Fields that do not change what a chunk contains: a resumed run may change them.
 NON_SEMANTIC = {("output", "resume"), ("clip", "device"), ("clip", "batch_size"), ("caption", "batch_size"),
                 ("output", "histogram_bins")}
@@ -122,7 +139,7 @@ def load_chunk_records(out_dir: str | Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((Path(out_dir) / CHUNKS).glob("chunk-*.json"))]
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
@@ -196,9 +213,9 @@ class ChunkCurator:
 
     def run(self, index: int, items) -> dict:
         cfg = self.cfg
-        rec = {"chunk": index, "images": 0, "curated_images": 0, "skipped": {}, "dropped": {},
-               "counts": {k: 0 for k in KINDS}, "shards": [], "scores": []}
-        writers: dict[str, ShardWriter] = {}
+        rec = {"chunk": index, "format": FORMAT, "images": 0, "curated_images": 0, "nothing_to_train": 0,
+               "skipped": {}, "dropped": {}, "counts": {k: 0 for k in COUNT_KEYS}, "shards": [], "scores": []}
+        writers: dict[str, ShardWriter] = {}  # at most the chunk's one caption shard, opened on its first record
         torch.manual_seed(cfg.caption.seed + index)  # sampled captions do not depend on which rank ran the chunk
         try:
             batch = []
@@ -220,7 +237,7 @@ class ChunkCurator:
             for w in writers.values():
                 w.abort()
             raise
-        _write_json_atomic(chunk_record_path(self.out_dir, index), rec)
+        write_json_atomic(chunk_record_path(self.out_dir, index), rec)
         return rec
 
     @staticmethod
@@ -264,22 +281,23 @@ class ChunkCurator:
             for o in objects:
                 label = None if item.present is None else (o.category in item.present)
                 rec["scores"].append([o.category, round(o.score, 4), label])
-            samples, dropped = split_caption(caption, objects, s.t0, s.t1, s.t2, s.exclusive_fragments)
-            for reason, n in dropped.items():
+            split = split_caption_spans(caption, objects, s.t0, s.t1, s.t2, s.exclusive_fragments)
+            for reason, n in split.dropped.items():
                 rec["dropped"][reason] = rec["dropped"].get(reason, 0) + n
             rec["curated_images"] += 1
-            if not samples:
+            if split.empty:  # no span and not a sent response: nothing of it is trained on
+                rec["nothing_to_train"] += 1
                 continue
-            data = encode_image(img, cfg.output.image_format, cfg.output.jpeg_quality)
-            for smp in samples:
-                if smp.kind not in writers:
-                    writers[smp.kind] = ShardWriter(self.out_dir / shard_name(smp.kind, index))
-                w = writers[smp.kind]
-                key = f"{index:06d}_{w.count:07d}"
-                w.write(key, data, cfg.output.image_format,
-                        make_record(item.image_id, cfg.caption.prompt, smp.context, smp.target, smp.kind,
-                                    smp.object, smp.score, caption))
-                rec["counts"][smp.kind] += 1
+            record = Caption(None, cfg.caption.prompt, caption, split.spans, split.sent, split.sent_score,
+                             split.sent_min_score, str(item.image_id))
+            if CAPTION_KIND not in writers:
+                writers[CAPTION_KIND] = ShardWriter(self.out_dir / shard_name(CAPTION_KIND, index))
+            w = writers[CAPTION_KIND]
+            w.write(f"{index:06d}_{w.count:07d}", encode_image(img, cfg.output.image_format, cfg.output.jpeg_quality),
+                    cfg.output.image_format, record.to_json())
+            for kind, n in record.kind_counts().items():
+                rec["counts"][kind] += n
+            rec["counts"]["captions"] += 1
 
 
 # --------------------------------------------------------------------------- the run
@@ -292,7 +310,18 @@ def check_resume(cfg: CurationConfig, out_dir: Path) -> None:
     """Every rank, before it writes anything: refuse to resume a run made with another config.
     Read-only, so each rank raises the same error itself instead of waiting for rank 0."""
     saved = out_dir / CHUNKS / "config.json"
-    if not cfg.output.resume or not saved.is_file():
+    if not cfg.output.resume:
+        return
+    # A directory of the per-sample format (before caption records): resuming would mix two formats.
+    old_shards = sorted(p.name for p in out_dir.glob("*.tar") if shard_kind(p.name) in KINDS)
+    old_records = [r["chunk"] for r in load_chunk_records(out_dir) if r.get("format") != FORMAT]
+    if old_shards or old_records:
+        raise ResumeMismatchError(
+            f"output.dir = {str(out_dir)!r} holds a curation run in the per-sample format (shards "
+            f"{old_shards[:3] or 'none'}, chunk records of chunks {old_records[:3] or 'none'}); resuming would mix it "
+            "with caption records. Fix: convert it (`python launch/curate.py convert OLD_DIR NEW_DIR`), choose a new "
+            "output.dir, or set output.resume=false to start over there")
+    if not saved.is_file():
         return
     previous, current = json.loads(saved.read_text()), semantic_config(cfg)
     if previous != current:
@@ -305,7 +334,7 @@ def check_resume(cfg: CurationConfig, out_dir: Path) -> None:
 
 
 def _tmp_chunk(path: Path) -> int | None:
-    """The chunk a half-written file belongs to (`neg-000003.tar.tmp`, `chunk-000003.json.tmp`)."""
+    """The chunk a half-written file belongs to (`cap-000003.tar.tmp`, `chunk-000003.json.tmp`)."""
     name = path.name[:-len(".tmp")]
     m = SHARD_RE.match(name)
     if m:
@@ -331,7 +360,7 @@ def prepare_output(cfg: CurationConfig, out_dir: Path, rank: int = 0, world: int
             # Left by an interrupted writer; its chunk has no record and is redone.
             p.unlink(missing_ok=True)
     if rank == 0:
-        _write_json_atomic(chunks / "config.json", semantic_config(cfg))
+        write_json_atomic(chunks / "config.json", semantic_config(cfg))
         save_curation_config(cfg, out_dir / "curation_config.yaml")
 
 
@@ -363,7 +392,7 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
     if missing:
         raise RuntimeError(f"{out_dir}: chunks {missing[:10]} have no record; a rank failed. Fix: run the same "
                            "command again (finished chunks are kept)")
-    counts = {k: sum(r["counts"][k] for r in records) for k in KINDS}
+    counts = {k: sum(r["counts"][k] for r in records) for k in COUNT_KEYS}
     skipped: dict[str, int] = {}
     dropped: dict[str, int] = {}
     for r in records:
@@ -371,7 +400,7 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
             skipped[reason] = skipped.get(reason, 0) + n
         for reason, n in r["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
-    shards = sorted((s for r in records for s in r["shards"]), key=lambda s: (KINDS.index(s["kind"]), s["chunk"]))
+    shards = sorted((s for r in records for s in r["shards"]), key=lambda s: s["chunk"])
     scores = [s for r in records for s in r["scores"]]
     s = cfg.split
     manifest = {
@@ -379,6 +408,7 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": source_desc,
         "counts": counts,
+        "nothing_to_train": sum(r["nothing_to_train"] for r in records),
         "images": {"input": sum(r["images"] for r in records), "curated": sum(r["curated_images"] for r in records)},
         "skipped": dict(sorted(skipped.items())),
         "dropped_candidates": dict(sorted(dropped.items())),
@@ -395,7 +425,7 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
               if labelled else {"all objects": [x[1] for x in scores]})
     plot_scores(out_dir / "scores.png", groups, manifest["thresholds"], cfg.output.histogram_bins,
                 f"Object scores ({cfg.clip.model}, {cfg.clip.mode})")
-    _write_json_atomic(out_dir / MANIFEST, manifest)
+    write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
 

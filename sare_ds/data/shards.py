@@ -1,11 +1,23 @@
-"""The curated-sample shard format: writer, shard listing, manifest and a plain sequential reader.
+"""The curated-data shard format: writer, shard listing, manifest, format detection and plain
+sequential readers.
 
-A curation output directory holds WebDataset tar shards `{kind}-{index:06d}.tar` (kind: pos,
-neg, sent), `manifest.json` and `scores.png` (docs/curation.md). Each sample is two tar members
-sharing a key: the image (`<key>.png` or `<key>.jpg`) and `<key>.json`, the record
-{"image_id", "prompt", "context", "target", "kind", "object", "score", "caption"}.
+A curation output directory holds WebDataset tar shards, `manifest.json` and `scores.png`
+(docs/curation.md). Two formats, named by the manifest's `"format"`:
 
-    for sample in iter_samples("runs/curated", kind="neg"):   # sare_ds.data.samples.Sample
+  captions  (today's curation) `cap-{index:06d}.tar`: one record per caption, its image
+            (`<key>.png` or `<key>.jpg`) and `<key>.json` = `Caption.to_json()`:
+            {"image_id", "prompt", "caption", "spans": [{"start", "end", "kind", "object",
+            "score"}], "sent", "sent_score", "sent_min_score"}; a span is characters
+            [start, end) of the caption.
+  samples   (before caption records; a manifest without "format", or with the old
+            "sare_ds curated shards v1", is this one) `{kind}-{index:06d}.tar`, kind pos / neg /
+            sent: one record per sample, {"image_id", "prompt", "context", "target", "kind",
+            "object", "score", "caption"}. `launch/curate.py convert OLD NEW` turns it into the
+            captions format.
+
+    for caption in iter_captions("runs/curated"):        # sare_ds.data.samples.Caption (either format)
+        ...
+    for sample in iter_samples("runs/curated", kind="neg"):   # sare_ds.data.samples.Sample (either format)
         ...
 
 Shards are written under `<name>.tmp` and renamed when complete, so a shard with its final
@@ -19,33 +31,62 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from braceexpand import braceexpand
 from PIL import Image
 
-from sare_ds.data.samples import KINDS, Sample
+from sare_ds.data.samples import KINDS, BadSampleError, Caption, Sample, captions_from_samples
 
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("png", "jpg")
 RECORD_FIELDS = ("image_id", "prompt", "context", "target", "kind", "object", "score", "caption")
-SHARD_RE = re.compile(r"^(pos|neg|sent)-(\d{6})\.tar$")
+"""Fields of a per-sample record (format `samples`)."""
+CAPTION_FIELDS = ("image_id", "prompt", "caption", "spans", "sent", "sent_score", "sent_min_score")
+"""Fields of a caption record (format `captions`), as `Caption.to_json()` writes them."""
+CAPTION_REQUIRED = ("prompt", "caption", "spans")
+"""The caption-record fields a reader cannot do without (the others have defaults)."""
+SPAN_FIELDS = ("start", "end", "kind")
+
+CAPTION_KIND = "cap"
+"""Shard name prefix of caption shards, and the stream kind that reads them."""
+SHARD_KINDS = KINDS + (CAPTION_KIND,)
+SHARD_RE = re.compile(r"^(pos|neg|sent|cap)-(\d{6})\.tar$")
+
+FORMAT_CAPTIONS = "captions"
+FORMAT_SAMPLES = "samples"
+LEGACY_FORMAT = "sare_ds curated shards v1"
+"""The `format` string manifests of the per-sample format carried before caption records."""
 
 
 class CorruptShardError(RuntimeError):
     """A shard (or one of its members) cannot be read; the message names it and the fix."""
 
 
+class RawImage(NamedTuple):
+    """An image member left encoded (`iter_captions(..., decode_images=False)`: copying, converting)."""
+
+    ext: str
+    data: bytes
+
+
 def shard_name(kind: str, index: int) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"shard kind {kind!r} is not one of {KINDS}")
+    """`neg-000003.tar` (per-sample format) or `cap-000003.tar` (caption format)."""
+    if kind not in SHARD_KINDS:
+        raise ValueError(f"shard kind {kind!r} is not one of {SHARD_KINDS}")
     return f"{kind}-{index:06d}.tar"
 
 
 def shard_kind(path: str) -> str | None:
-    """pos / neg / sent from a shard's file name (`neg-000003.tar`), None if it does not follow the format."""
-    m = SHARD_RE.match(os.path.basename(path))
+    """pos / neg / sent / cap from a shard's file name (`neg-000003.tar`), None if it does not follow the format."""
+    m = SHARD_RE.match(os.path.basename(str(path)))
     return m.group(1) if m else None
+
+
+def shard_index(path: str) -> int | None:
+    """The chunk index in a shard's file name (`neg-000003.tar` -> 3), None if it does not follow the format."""
+    m = SHARD_RE.match(os.path.basename(str(path)))
+    return int(m.group(2)) if m else None
 
 
 def is_remote(url: str) -> bool:
@@ -56,6 +97,7 @@ def is_remote(url: str) -> bool:
 
 def make_record(image_id: str, prompt: str, context: str, target: str, kind: str, obj: str, score: float,
                 caption: str) -> dict:
+    """A per-sample record (format `samples`); caption records are `Caption.to_json()`."""
     if kind not in KINDS:
         raise ValueError(f"record kind {kind!r} is not one of {KINDS}")
     return {"image_id": str(image_id), "prompt": prompt, "context": context, "target": target, "kind": kind,
@@ -64,7 +106,7 @@ def make_record(image_id: str, prompt: str, context: str, target: str, kind: str
 
 class ShardWriter:
     """Writes one shard to `<path>.tmp`; `commit()` renames it to `path` (use as a context manager:
-    the temporary file is removed if the block raises)."""
+    the temporary file is removed if the block raises). Records of either format; one format a shard."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -86,9 +128,10 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/' (WebDataset key rule)")
         if image_ext not in IMAGE_EXTS:
             raise ValueError(f"image extension {image_ext!r} must be one of {IMAGE_EXTS}")
-        missing = [f for f in RECORD_FIELDS if f not in record]
+        fields, build = (CAPTION_FIELDS, "Caption.to_json()") if "spans" in record else (RECORD_FIELDS, "make_record")
+        missing = [f for f in fields if f not in record]
         if missing:
-            raise ValueError(f"record of sample {key} lacks fields {missing}; build it with make_record")
+            raise ValueError(f"record of sample {key} lacks fields {missing}; build it with {build}")
         self._add(f"{key}.{image_ext}", image_bytes)
         self._add(f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
         self.count += 1
@@ -117,6 +160,17 @@ class ShardWriter:
 def read_manifest(shard_dir: str | Path) -> dict | None:
     path = Path(shard_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def manifest_format(manifest: dict, where: str = "manifest.json") -> str:
+    """`captions` or `samples` from a manifest's "format" (absent, or the old v1 string: `samples`)."""
+    fmt = manifest.get("format", FORMAT_SAMPLES)
+    if fmt == LEGACY_FORMAT:
+        return FORMAT_SAMPLES
+    if fmt not in (FORMAT_CAPTIONS, FORMAT_SAMPLES):
+        raise ValueError(f"{where}: format {fmt!r} is not one sare_ds reads ({FORMAT_CAPTIONS!r}, "
+                         f"{FORMAT_SAMPLES!r}); fix: re-run launch/curate.py with this version of sare_ds")
+    return fmt
 
 
 def list_shards(spec, kind: str | None = None, allow_remote: bool = False) -> list[str]:
@@ -151,8 +205,72 @@ def list_shards(spec, kind: str | None = None, allow_remote: bool = False) -> li
     return urls
 
 
+def _format_from_names(urls: list[str]) -> str | None:
+    kinds = {shard_kind(u) for u in urls}
+    if kinds == {CAPTION_KIND}:
+        return FORMAT_CAPTIONS
+    if kinds and kinds <= set(KINDS):
+        return FORMAT_SAMPLES
+    return None  # no shard, names that follow neither format, or a mix
+
+
+def _peek_format(url: str) -> str:
+    """The format of a shard whose name does not tell it: its first .json record."""
+    data = None
+    if is_remote(url):
+        import webdataset as wds
+
+        first = next(iter(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())), None)
+        data = (first or {}).get("json")
+    else:
+        with tarfile.open(url, "r") as tar:
+            for info in tar:
+                if info.isreg() and info.name.endswith(".json"):
+                    data = tar.extractfile(info).read()
+                    break
+    if data is None:
+        raise CorruptShardError(f"shard {url}: no .json record to tell its format from; fix: check it is a "
+                                "curation shard (launch/curate.py writes them)")
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptShardError(f"shard {url}: its first .json record does not parse ({e})") from e
+    return FORMAT_CAPTIONS if isinstance(record, dict) and "spans" in record else FORMAT_SAMPLES
+
+
+def shard_format(spec, allow_remote: bool = False) -> str:
+    """`captions` or `samples`: what a shard source holds. A directory's manifest says it; without one
+    (or for patterns and lists) the shard names do (`cap-*` or `pos|neg|sent-*`), else the first
+    record. A source mixing both formats is refused."""
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    found: dict[str, str] = {}
+    for item in specs:
+        item = str(item)
+        manifest = read_manifest(item) if not is_remote(item) and Path(item).is_dir() else None
+        if manifest is not None:
+            found[item] = manifest_format(manifest, f"{item}/{MANIFEST}")
+            continue
+        urls = list_shards(item, allow_remote=allow_remote)
+        if not urls:
+            raise FileNotFoundError(f"shard source {item!r} holds no .tar shards; fix the path, or run "
+                                    "launch/curate.py to write them")
+        fmt = _format_from_names(urls)
+        if fmt is None:
+            kinds = {shard_kind(u) for u in urls}
+            if CAPTION_KIND in kinds and kinds & set(KINDS):
+                raise ValueError(f"shard source {item!r} mixes caption shards (cap-*) and per-kind shards "
+                                 "(pos/neg/sent-*); fix: keep one format per directory (convert the old one with "
+                                 "`python launch/curate.py convert OLD_DIR NEW_DIR`)")
+            fmt = _peek_format(urls[0])
+        found[item] = fmt
+    if len(set(found.values())) > 1:
+        raise ValueError(f"shard sources {found} are in different formats; fix: convert the per-sample ones with "
+                         "`python launch/curate.py convert OLD_DIR NEW_DIR`")
+    return next(iter(found.values()))
+
+
 def shard_counts(urls: list[str], shard_dirs_manifest: dict | None = None) -> dict[str, int]:
-    """Samples per shard: from the manifest where it lists the shard, else by reading tar headers."""
+    """Records per shard: from the manifest where it lists the shard, else by reading tar headers."""
     known = {}
     if shard_dirs_manifest:
         known = {s["name"]: s["count"] for s in shard_dirs_manifest.get("shards", [])}
@@ -187,8 +305,45 @@ def record_to_sample(record: dict, image, where: str) -> Sample:
                   image_id=str(record["image_id"]), meta={"caption": record["caption"]})
 
 
-def decode_members(key: str, members: dict[str, bytes], where: str) -> Sample:
-    """A Sample from one key's members (`json` + `png`/`jpg`)."""
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def record_to_caption(record: dict, image, where: str) -> Caption:
+    """A Caption from a caption record; a record of the wrong shape raises CorruptShardError naming the
+    field. Whether the spans lie inside the caption is `Caption.check()`'s (a skip, not corruption)."""
+    def bad(what: str) -> CorruptShardError:
+        return CorruptShardError(f"{where}: caption record {what}; the shard is not in sare_ds's caption format "
+                                 "(docs/curation.md); fix: re-run launch/curate.py (or `launch/curate.py convert` "
+                                 "for per-kind shards)")
+
+    missing = [f for f in CAPTION_REQUIRED if f not in record]
+    if missing:
+        raise bad(f"lacks fields {missing}")
+    for name in ("prompt", "caption"):
+        if not isinstance(record[name], str):
+            raise bad(f"field {name!r} is {type(record[name]).__name__}, not a string")
+    if not isinstance(record["spans"], list):
+        raise bad(f"field 'spans' is {type(record['spans']).__name__}, not a list")
+    for i, span in enumerate(record["spans"]):
+        if not isinstance(span, dict):
+            raise bad(f"span {i} is {type(span).__name__}, not an object")
+        lacking = [f for f in SPAN_FIELDS if f not in span]
+        if lacking:
+            raise bad(f"span {i} lacks fields {lacking}")
+        if not (_is_int(span["start"]) and _is_int(span["end"])):
+            raise bad(f"span {i} has start/end {span['start']!r}/{span['end']!r}, not integers")
+        if not isinstance(span["kind"], str):
+            raise bad(f"span {i} has kind {span['kind']!r}, not a string")
+    try:
+        return Caption.from_json(record, image)
+    except (TypeError, ValueError) as e:
+        raise bad(f"has a field of the wrong type ({type(e).__name__}: {e})") from e
+
+
+def decode_members(key: str, members: dict[str, bytes], where: str, decode_image: bool = True) -> Sample | Caption:
+    """A Caption (a record with "spans") or a Sample (a per-sample record) from one key's members
+    (`json` + `png`/`jpg`). decode_image=False leaves the image as a RawImage (ext, bytes)."""
     if "json" not in members:
         raise CorruptShardError(f"{where}: sample {key} has no .json record")
     ext = next((e for e in IMAGE_EXTS if e in members), None)
@@ -196,35 +351,111 @@ def decode_members(key: str, members: dict[str, bytes], where: str) -> Sample:
         raise CorruptShardError(f"{where}: sample {key} has no .png/.jpg image")
     try:
         record = json.loads(members["json"].decode("utf-8"))
-        image = Image.open(io.BytesIO(members[ext]))
-        image.load()
+        if decode_image:
+            image = Image.open(io.BytesIO(members[ext]))
+            image.load()
+            image = image.convert("RGB")
+        else:
+            image = RawImage(ext, members[ext])
     except Exception as e:  # any decoder failure is a corrupt member
         raise CorruptShardError(f"{where}: sample {key} does not decode ({type(e).__name__}: {e})") from e
-    return record_to_sample(record, image.convert("RGB"), f"{where}: sample {key}")
+    if not isinstance(record, dict):
+        raise CorruptShardError(f"{where}: sample {key}: its .json is a {type(record).__name__}, not a record; "
+                                "re-run launch/curate.py")
+    if "spans" in record:
+        return record_to_caption(record, image, f"{where}: sample {key}")
+    return record_to_sample(record, image, f"{where}: sample {key}")
+
+
+def iter_members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of one shard, in file order."""
+    try:
+        with tarfile.open(url, "r") as tar:
+            key, members = None, {}
+            for info in tar:
+                if not info.isreg():
+                    continue
+                k, _, ext = info.name.partition(".")
+                if k != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = tar.extractfile(info).read()
+            if key is not None:
+                yield key, members
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise CorruptShardError(f"shard {url} is corrupt or truncated ({e}); fix: re-run curation for it "
+                                "(delete it and its chunk record in .chunks/)") from e
+
+
+def _decoded(urls: list[str], decode_image: bool = True) -> Iterator[Sample | Caption]:
+    for url in urls:
+        for key, members in iter_members(url):
+            yield decode_members(key, members, f"shard {url}", decode_image)
+
+
+def _captions_of(urls: list[str], decode_image: bool = True) -> Iterator[Caption]:
+    for item in _decoded(urls, decode_image):
+        if not isinstance(item, Caption):
+            raise CorruptShardError(f"caption shards: image {item.image_id} is a per-sample ({item.kind}) record; "
+                                    "fix: keep one format per source (re-run launch/curate.py)")
+        yield item
+
+
+def chunk_groups(urls: list[str]) -> list[tuple[int | None, list[str]]]:
+    """Per-sample shards by chunk, in chunk order: the samples of one caption share a chunk (and so a shard
+    index across kinds), so a chunk at a time is enough to group them into captions. Shards whose names
+    do not follow the format are one group (index None)."""
+    if not all(shard_index(u) is not None for u in urls):
+        return [(None, list(urls))] if urls else []
+    groups: dict[int, list[str]] = {}
+    for u in urls:
+        groups.setdefault(shard_index(u), []).append(u)
+    return sorted(groups.items())
+
+
+def grouped_captions(urls: list[str], decode_images: bool = True) -> list[Caption]:
+    """The captions of some per-sample shards (`captions_from_samples`; spans in caption order)."""
+    samples = list(_decoded(urls, decode_images))
+    if any(isinstance(s, Caption) for s in samples):
+        raise CorruptShardError(f"per-sample shards {urls} hold caption records; fix: keep one format per "
+                                "source (re-run launch/curate.py)")
+    try:
+        captions = captions_from_samples(samples)
+    except BadSampleError as e:
+        raise CorruptShardError(f"shards {urls}: {e}") from e
+    for cap in captions:
+        cap.spans.sort(key=lambda s: s.start)  # caption order, as curation writes them
+    return captions
+
+
+def iter_captions(shard_dir_or_pattern, decode_images: bool = True, allow_remote: bool = False) -> Iterator[Caption]:
+    """Every caption of a shard source in order: the records of a caption-format source, or the
+    per-kind samples of an old-format one grouped into captions (`captions_from_samples`, one chunk
+    at a time). decode_images=False leaves images as RawImage (ext, bytes)."""
+    urls = list_shards(shard_dir_or_pattern, allow_remote=allow_remote)
+    if shard_format(shard_dir_or_pattern, allow_remote) == FORMAT_CAPTIONS:
+        yield from _captions_of(urls, decode_images)
+    else:
+        for _, group in chunk_groups(urls):
+            yield from grouped_captions(group, decode_images)
 
 
 def iter_samples(shard_dir_or_pattern, kind: str | None = None) -> Iterator[Sample]:
-    """Every sample of the shards in order (shard by shard, members in file order). A simple
-    sequential reader, the reference the training stream is tested against."""
-    for url in list_shards(shard_dir_or_pattern, kind):
-        try:
-            with tarfile.open(url, "r") as tar:
-                key, members = None, {}
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    k, _, ext = info.name.partition(".")
-                    if k != key and key is not None:
-                        sample = decode_members(key, members, f"shard {url}")
-                        if kind is None or sample.kind == kind:
-                            yield sample
-                        members = {}
-                    key = k
-                    members[ext] = tar.extractfile(info).read()
-                if key is not None:
-                    sample = decode_members(key, members, f"shard {url}")
-                    if kind is None or sample.kind == kind:
-                        yield sample
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise CorruptShardError(f"shard {url} is corrupt or truncated ({e}); fix: re-run curation for it "
-                                    "(delete it and its chunk record in .chunks/)") from e
+    """Every sample of the shards in order: per-sample shards shard by shard, members in file order;
+    caption shards unpacked (`Caption.unpack()`: a sample per span, then the sent one; the caption in
+    `meta["caption"]`). A simple sequential reader, the reference the training stream is tested against."""
+    if shard_format(shard_dir_or_pattern) == FORMAT_CAPTIONS:
+        for cap in _captions_of(list_shards(shard_dir_or_pattern)):
+            for sample in cap.unpack():
+                if kind is None or sample.kind == kind:
+                    sample.meta["caption"] = cap.caption
+                    yield sample
+        return
+    for item in _decoded(list_shards(shard_dir_or_pattern, kind)):
+        if not isinstance(item, Sample):
+            raise CorruptShardError(f"per-sample shards: image {item.image_id} is a caption record; fix: keep one "
+                                    "format per source (re-run launch/curate.py)")
+        if kind is None or item.kind == kind:
+            yield item
+

@@ -1,7 +1,9 @@
-"""Compose optimizer steps from samples of the three kinds.
+"""Compose optimizer steps from items of one or more kinds (captions, or per-kind samples).
 
-Each optimizer step has `grad_accum_steps x world_size` micro-batches of (pos_per_step,
-neg_per_step, sent_per_step) samples; rank r trains on micro-batches
+Caption data has one kind, `cap`: each micro-batch holds data.captions_per_step captions and an
+epoch is one pass over them. Per-kind samples (the shard format before caption records) have
+pos / neg / sent. Each optimizer step has `grad_accum_steps x world_size` micro-batches of
+per_step[kind] items; rank r trains on micro-batches
 [r * grad_accum_steps, (r + 1) * grad_accum_steps) of that list. So one rank with
 accumulation 2 and two ranks with accumulation 1 see exactly the same step. An epoch is one pass over the neg samples, the set being unlearned
 (or over pos, then sent, when a method draws no neg samples); the other kinds cycle, each
@@ -13,14 +15,20 @@ import random
 from typing import Generic, Iterator, TypeVar
 
 from sare_ds.data.samples import KINDS
+from sare_ds.methods import get_method
 
 T = TypeVar("T")
+CAPTIONS = "cap"  # the one stream kind of caption data
+STREAM_KINDS = (CAPTIONS, *KINDS)
 
 
-def per_step_counts(data_cfg, method: str) -> dict[str, int]:
-    """Samples of each kind in one micro-batch; plain fine-tuning never sees hallucinated spans."""
-    return {"pos": data_cfg.pos_per_step, "neg": 0 if method == "ft" else data_cfg.neg_per_step,
-            "sent": data_cfg.sent_per_step}
+def per_step_counts(data_cfg, method: str, data_format: str = "captions") -> dict[str, int]:
+    """Items of each stream kind in one micro-batch: captions, or per-kind samples of the kinds the
+    method reads (plain fine-tuning never draws hallucinated samples)."""
+    if data_format == "captions":
+        return {CAPTIONS: data_cfg.captions_per_step}
+    kinds = get_method(method).kinds
+    return {k: getattr(data_cfg, f"{k}_per_step") if k in kinds else 0 for k in KINDS}
 
 
 class StepComposer(Generic[T]):
@@ -28,7 +36,7 @@ class StepComposer(Generic[T]):
                  epochs: int, seed: int, max_steps: int = 0, rank: int = 0, world_size: int = 1,
                  start_step: int = 0):
         self.by_kind = by_kind
-        self.per_step = {k: per_step.get(k, 0) for k in KINDS}
+        self.per_step = {k: per_step.get(k, 0) for k in STREAM_KINDS if per_step.get(k, 0) or k in KINDS}
         self.grad_accum_steps = grad_accum_steps
         self.seed = seed
         self.rank, self.world_size = rank, world_size
@@ -36,16 +44,18 @@ class StepComposer(Generic[T]):
         for k, n in self.per_step.items():
             if n > 0 and not by_kind.get(k):
                 raise ValueError(
-                    f"each step needs {n} {k} sample(s) but the data has none; "
-                    f"fix: set data.{k}_per_step=0 or provide {k} samples"
+                    f"each step needs {n} {k} item(s) but the data has none; "
+                    + (f"fix: set data.{k}_per_step=0 or provide {k} samples" if k in KINDS else
+                       "fix: provide captions with spans of the kinds the method trains")
                 )
-        self.driver = next(k for k in ("neg", "pos", "sent") if self.per_step[k] > 0)
+        self.driver = next(k for k in (CAPTIONS, "neg", "pos", "sent") if self.per_step.get(k, 0) > 0)
         per_opt_step = self.per_step[self.driver] * grad_accum_steps * world_size
         self.steps_per_epoch = len(by_kind[self.driver]) // per_opt_step
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{len(by_kind[self.driver])} {self.driver} samples are fewer than one step needs "
-                f"({per_opt_step} over all ranks); fix: lower data.{self.driver}_per_step or optim.grad_accum_steps, "
+                f"({per_opt_step} over all ranks); fix: lower "
+                f"data.{'captions' if self.driver == CAPTIONS else self.driver}_per_step or optim.grad_accum_steps, "
                 "or add data"
             )
         total = self.steps_per_epoch * epochs

@@ -1,32 +1,41 @@
 """Training steps streamed from curated WebDataset shards (the shard twin of `steps.StepComposer`).
 
-    stream = ShardStream("runs/curated", adapter, per_step={"pos": 1, "neg": 1, "sent": 1},
-                         grad_accum_steps=1, epochs=1, seed=0, rank=rank, world_size=world,
-                         num_workers=2, start_step=resume_step)
-    for micro_batches in stream:          # list of grad_accum_steps dicts kind -> [TokenizedSample]
+    stream = ShardStream("runs/curated", adapter, per_step={"cap": 4}, grad_accum_steps=1, epochs=1,
+                         seed=0, rank=rank, world_size=world, num_workers=2, start_step=resume_step)
+    for micro_batches in stream:          # list of grad_accum_steps dicts kind -> [what tokenize returned]
         ...
 
-Each optimizer step gets exactly `per_step[kind]` samples of each kind in each of its
-`grad_accum_steps` micro-batches. An epoch is one pass over the neg samples (the set being
-unlearned; pos, then sent, when no neg is drawn); the other kinds cycle, reshuffled each cycle.
+A source holds one of two formats (`stream.format`, from its manifest: data/shards.py):
+  captions  one record per caption (today's curation): ONE stream kind, "cap";
+            `per_step={"cap": n}` gives n captions per micro-batch, and `tokenize` gets each decoded
+            `Caption` (it may return anything, a list of sequences too: it is yielded as returned).
+  samples   per-kind shards (before caption records): stream kinds pos / neg / sent,
+            `per_step={"pos": 1, "neg": 1, "sent": 1}`, `tokenize` gets each `Sample`.
+Asking a source for the kinds of the other format is refused at construction, naming the fix.
+
+Each optimizer step gets exactly `per_step[kind]` records of each kind in each of its
+`grad_accum_steps` micro-batches. An epoch is one pass over the driver kind: the captions, or
+(per-kind format) the neg samples (the set being unlearned; pos, then sent, when no neg is drawn);
+the other kinds cycle, reshuffled each cycle.
 
 The pipeline, per kind and per data-loader worker, as visible stages:
 
   1. shard list        the kind's shards (directory manifest, brace pattern or list)
-  2. split by node     the kind's samples, in shard order, cut into ranks x workers contiguous runs
+  2. split by node     the kind's records, in shard order, cut into ranks x workers contiguous runs
   3. split by worker   of sizes differing by at most one (slot = rank x workers + worker); a run is
-                       a list of pieces (shard, first sample, end sample)
-  4. shuffle           piece order per pass, then a seeded shuffle buffer over samples
-  5. skip              resume: samples of steps before start_step are passed over undecoded
-  6. decode            image + JSON record -> Sample (corrupt members raise, or are counted)
-  7. tokenise          chat template + labels on the target span (data.tokenize)
-  8. batch             per_step[kind] samples per micro-batch, grad_accum_steps per step
+                       a list of pieces (shard, first record, end record)
+  4. shuffle           piece order per pass, then a seeded shuffle buffer over records
+  5. skip              resume: records of steps before start_step are passed over undecoded
+  6. decode            image + JSON record -> Caption or Sample (corrupt members raise, or are counted)
+  7. tokenise          the `tokenize` callable (default: data.tokenize's tokenize_caption / tokenize_sample)
+  8. batch             per_step[kind] records per micro-batch, grad_accum_steps per step
 
-Sharing: every sample belongs to one (rank, worker) slot, so the ranks' samples are disjoint
-and together cover the data. Samples, not whole shards, are dealt: shards are as large as a
-curation chunk made them (the last chunk is often small), and dealing whole shards left some
-slots with a fraction of the others' data. At most slots - 1 shards are cut between two slots;
-the slot holding the tail of a cut shard reads (without decoding) past its head each pass.
+Sharing: every record (a caption, or a per-kind sample; "sample" below) belongs to one (rank,
+worker) slot, so the ranks' samples are disjoint and together cover the data. Samples, not whole
+shards, are dealt: shards are as large as a curation chunk made them (the last chunk is often
+small), and dealing whole shards left some slots with a fraction of the others' data. At most
+slots - 1 shards are cut between two slots; the slot holding the tail of a cut shard reads
+(without decoding) past its head each pass.
 Ranks must stay in lockstep, so every slot yields the same number of steps per epoch:
 m = floor(driver samples / (slots x driver samples per step)), and a rank has S = m x workers
 steps an epoch. Each slot then has at least m steps' worth of samples; what the rounding leaves
@@ -53,14 +62,18 @@ from typing import Any, Callable, Iterator
 import torch
 import webdataset as wds
 
-from sare_ds.data.samples import KINDS, BadSampleError, Sample, skip_report
+from sare_ds.data.samples import KINDS, BadSampleError, Caption, Sample, skip_report
 from sare_ds.data.shards import (
+    CAPTION_KIND,
+    FORMAT_CAPTIONS,
+    SHARD_KINDS,
     CorruptShardError,
     decode_members,
     is_remote,
     list_shards,
     read_manifest,
     shard_counts,
+    shard_format,
 )
 
 log = logging.getLogger("sare_ds.data.stream")
@@ -72,6 +85,10 @@ class NoUsableSampleError(CorruptShardError):
 
 class NotEnoughShardsError(ValueError):
     """Too few samples of a kind for ranks x workers slots: some slot would have no data."""
+
+
+class ShardFormatError(ValueError):
+    """per_step asks for the stream kinds of the other shard format (caption vs per-kind shards)."""
 
 
 # One slot's part of one shard: (url, first sample, end sample), in the shard's member order.
@@ -108,6 +125,16 @@ def _piece_size(pieces: list[Piece]) -> int:
     return sum(hi - lo for _, lo, hi in pieces)
 
 
+def _noun(kind: str) -> str:
+    """How messages name a kind's records."""
+    return "caption" if kind == CAPTION_KIND else f"{kind} sample"
+
+
+def _per_step_name(kind: str) -> str:
+    """The setting that asks for a kind, as messages name it."""
+    return "data.captions_per_step" if kind == CAPTION_KIND else f"data.{kind}_per_step"
+
+
 class ShardStream:
     """Optimizer steps of one rank, read from shards; `len()` is this rank's number of steps."""
 
@@ -115,28 +142,43 @@ class ShardStream:
                  epochs: int = 1, seed: int = 0, max_steps: int = 0, max_length: int = 512, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000, start_step: int = 0,
                  skip_corrupt: bool = False, allow_remote: bool = False,
-                 tokenize: Callable[[Sample], Any] | None = None):
+                 tokenize: Callable[[Caption | Sample], Any] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank = {rank} must be in [0, world_size = {world_size})")
         if grad_accum_steps < 1 or epochs < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError("grad_accum_steps and epochs must be >= 1, num_workers >= 0, shuffle_buffer >= 1")
+        unknown = sorted(set(per_step) - set(SHARD_KINDS))
+        if unknown:
+            raise ValueError(f"per_step has kinds {unknown}; stream kinds are {SHARD_KINDS} ('cap': caption shards)")
+        self.format = shard_format(shards, allow_remote)
+        """`captions` (one record per caption, stream kind "cap") or `samples` (per-kind pos/neg/sent shards)."""
+        captions = self.format == FORMAT_CAPTIONS
+        self._record_type = Caption if captions else Sample
+        stream_kinds = (CAPTION_KIND,) if captions else KINDS
+        wrong = sorted(k for k, n in per_step.items() if int(n) > 0 and k not in stream_kinds)
+        if wrong:
+            raise ShardFormatError(self._format_mismatch(shards, wrong))
         if tokenize is None:
             if adapter is None:
                 raise ValueError("ShardStream needs the model adapter (to tokenise) or a tokenize callable")
-            from sare_ds.data.tokenize import tokenize_sample
+            from sare_ds.data import tokenize as tok
 
-            tokenize = _Tokenizer(adapter, max_length, tokenize_sample)
+            tokenize = _Tokenizer(adapter, max_length, tok.tokenize_caption if captions else tok.tokenize_sample)
         self.tokenize = tokenize
-        self.per_step = {k: int(per_step.get(k, 0)) for k in KINDS}
+        self.per_step = {k: int(per_step.get(k, 0)) for k in stream_kinds}
         self.grad_accum_steps, self.epochs, self.seed = grad_accum_steps, epochs, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
         self.workers = max(1, num_workers)  # in-process reading is one worker
         self.shuffle_buffer, self.skip_corrupt, self.start_step = shuffle_buffer, skip_corrupt, start_step
-        kinds = [k for k in KINDS if self.per_step[k] > 0]
+        self.kinds = [k for k in stream_kinds if self.per_step[k] > 0]
+        """The stream kinds each micro-batch holds, in order."""
+        kinds = self.kinds
         if not kinds:
-            raise ValueError("per_step asks for no samples of any kind; set data.neg_per_step=1 (or pos/sent)")
-        self.driver = next(k for k in ("neg", "pos", "sent") if self.per_step[k] > 0)
+            raise ValueError("per_step asks for no captions; set data.captions_per_step >= 1" if captions else
+                             "per_step asks for no samples of any kind; set data.neg_per_step=1 (or pos/sent)")
+        # The driver kind sets the epoch: captions, or the neg samples being unlearned (pos, then sent).
+        self.driver = CAPTION_KIND if captions else next(k for k in ("neg", "pos", "sent") if self.per_step[k] > 0)
 
         # Stage 1: the shard list of each kind, with sample counts (manifest, else tar headers).
         self.slots: dict[str, list[list[list[Piece]]]] = {}  # kind -> rank -> worker -> pieces
@@ -144,7 +186,8 @@ class ShardStream:
         n_slots = world_size * self.workers
         totals: dict[str, int] = {}
         for kind in kinds:
-            urls = list_shards(shards, kind, allow_remote=allow_remote)
+            # A caption source is one kind: every shard of it (names need not follow cap-*).
+            urls = list_shards(shards, None if captions else kind, allow_remote=allow_remote)
             counts = self._counts(urls)
             totals[kind] = sum(counts.values())
             # Every slot draws every kind it is asked for: a slot with no sample of a kind would fail
@@ -152,12 +195,12 @@ class ShardStream:
             # the next collective. Checked here, on every rank, before anything is read.
             if totals[kind] < n_slots:
                 raise NotEnoughShardsError(
-                    f"{totals[kind]} {kind} sample(s) in {len(urls)} shard(s) of {shards!r}, but world_size x "
+                    f"{totals[kind]} {_noun(kind)}(s) in {len(urls)} shard(s) of {shards!r}, but world_size x "
                     f"workers = {world_size} x {self.workers} = {n_slots} slots each need at least one; fix: "
                     f"lower data.num_workers (or the world size), or curate more images (more "
                     f"and smaller chunks: output.images_per_chunk)"
-                    + (f"; with none at all, check the curation manifest's counts and thresholds, or set "
-                       f"data.{kind}_per_step=0" if not totals[kind] else ""))
+                    + ("; with none at all, check the curation manifest's counts and thresholds"
+                       + ("" if captions else f", or set data.{kind}_per_step=0") if not totals[kind] else ""))
             self.counts.update(counts)
             # Stages 2 and 3: split by node, then by worker (slot = rank x workers + worker).
             runs = split_samples(urls, counts, n_slots)
@@ -170,11 +213,11 @@ class ShardStream:
         self.steps_per_worker_epoch = total_driver // (n_slots * per_opt_step)
         if self.steps_per_worker_epoch == 0:
             raise ValueError(
-                f"{total_driver} {self.driver} samples cannot give every slot one step, which takes "
+                f"{total_driver} {_noun(self.driver)}s cannot give every slot one step, which takes "
                 f"(world_size x workers x {self.driver} per step x grad_accum_steps = {world_size} x "
                 f"{self.workers} x {self.per_step[self.driver]} x {grad_accum_steps} = "
                 f"{n_slots * per_opt_step}); fix: lower data.num_workers or the world size, lower "
-                f"data.{self.driver}_per_step or optim.grad_accum_steps, or curate more data")
+                f"{_per_step_name(self.driver)} or optim.grad_accum_steps, or curate more data")
         self.steps_per_epoch = self.steps_per_worker_epoch * self.workers
         need = self.steps_per_worker_epoch * per_opt_step  # driver samples one slot uses per epoch
         shares = [_piece_size(p) for node in self.slots[self.driver] for p in node]
@@ -186,12 +229,12 @@ class ShardStream:
         for what, n in (("dropped", self.dropped_per_epoch), ("repeated", self.repeated_per_epoch)):
             if n > WARN_SHARE * total_driver:
                 log.warning(
-                    "%d of %d %s samples (%.0f %%) are %s each epoch so that %d slots (world_size x workers) "
-                    "make the same %d steps of %d %s samples; fix: fewer slots (lower data.num_workers), fewer "
-                    "samples per step (data.%s_per_step, optim.grad_accum_steps), or more data (curate more "
+                    "%d of %d %ss (%.0f %%) are %s each epoch so that %d slots (world_size x workers) "
+                    "make the same %d steps of %d %ss; fix: fewer slots (lower data.num_workers), fewer "
+                    "samples per step (%s, optim.grad_accum_steps), or more data (curate more "
                     "images; output.images_per_chunk sets how they are cut into shards)",
-                    n, total_driver, self.driver, 100.0 * n / total_driver, what, n_slots,
-                    self.steps_per_worker_epoch, per_opt_step, self.driver, self.driver)
+                    n, total_driver, _noun(self.driver), 100.0 * n / total_driver, what, n_slots,
+                    self.steps_per_worker_epoch, per_opt_step, _noun(self.driver), _per_step_name(self.driver))
         total = self.steps_per_epoch * epochs
         self.num_steps = min(total, max_steps) if max_steps > 0 else total
         if not 0 <= start_step <= self.num_steps:
@@ -199,6 +242,18 @@ class ShardStream:
         self._last_skip: dict[str, str] = {}  # kind -> message of the last sample skipped (for errors)
         self.skipped: dict[str, int] = {}
         """Samples skipped while streaming, by reason (corrupt members, untokenisable samples, top-ups)."""
+
+    def _format_mismatch(self, shards, wrong: list[str]) -> str:
+        if self.format == FORMAT_CAPTIONS:
+            return (f"per_step asks for {wrong} samples, but the shard source {shards!r} is in the 'captions' "
+                    "format (one record per caption, written by launch/curate.py since caption records), which "
+                    "streams as the one kind 'cap'. Fix: ask per_step={'cap': n} (data.captions_per_step = n); "
+                    "the per-sample view (data.packing=false) comes from tokenising each caption unpacked, not "
+                    "from per-kind shards")
+        return (f"per_step asks for {wrong}, but the shard source {shards!r} is in the old per-kind 'samples' "
+                "format (pos/neg/sent-*.tar, one record per sample), which has no caption records. Fix: convert "
+                "it with `python launch/curate.py convert OLD_DIR NEW_DIR` and train from NEW_DIR, or set "
+                "data.packing=false to train on the per-kind shards as they are")
 
     def _counts(self, urls: list[str]) -> dict[str, int]:
         local = [u for u in urls if not is_remote(u)]
@@ -243,6 +298,10 @@ class ShardStream:
             where = f"shard {sample.get('__url__', '?')}"
             try:
                 decoded = decode_members(sample["__key__"], members, where)  # stage 6
+                if not isinstance(decoded, self._record_type):
+                    raise CorruptShardError(
+                        f"{where}: sample {sample['__key__']} is a {type(decoded).__name__} record in a "
+                        f"{self.format!r}-format source; one format per source")
             except CorruptShardError as e:
                 if not self.skip_corrupt:
                     raise CorruptShardError(
@@ -306,7 +365,7 @@ class ShardStream:
         mine = range(worker, self.num_steps, W)
         first = sum(1 for p in mine if p < start_step)  # this worker's steps already done
         stats: dict[str, int] = {}
-        others = [k for k in KINDS if self.per_step[k] > 0 and k != self.driver]
+        others = [k for k in self.kinds if k != self.driver]
         streams = {k: self._cycled(k, node, worker, first * self.per_step[k] * A, stats) for k in others}
         per_driver = self.per_step[self.driver] * A
         local = first
@@ -319,8 +378,8 @@ class ShardStream:
                 if local >= total_local:
                     break
                 # Stage 8: batch.
-                step = [{k: [next(streams[k]) for _ in range(self.per_step[k])]
-                         for k in KINDS if self.per_step[k] > 0} for _ in range(A)]
+                step = [{k: [next(streams[k]) for _ in range(self.per_step[k])] for k in self.kinds}
+                        for _ in range(A)]
                 yield step, dict(stats)
                 local += 1
 
@@ -374,10 +433,11 @@ class _RankSteps(torch.utils.data.IterableDataset):
 
 
 class _Tokenizer:
-    """tokenize_sample bound to an adapter and max_length (a class, not a lambda, so it pickles)."""
+    """tokenize_caption / tokenize_sample bound to an adapter and max_length (a class, not a lambda, so it
+    pickles)."""
 
     def __init__(self, adapter, max_length: int, fn):
         self.adapter, self.max_length, self.fn = adapter, max_length, fn
 
-    def __call__(self, sample: Sample):
+    def __call__(self, sample: Caption | Sample):
         return self.fn(sample, self.adapter, self.max_length)

@@ -12,7 +12,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from sare_ds.data.samples import Sample
+from sare_ds.data.samples import Caption, Sample, Span
 from sare_ds.data.subsentence import object_span
 
 # name -> (RGB colour, shape)
@@ -57,25 +57,31 @@ def caption_corpus() -> list[str]:
     return [caption_for(names[i:i + 3], names[i - 1]) for i in range(len(names))]
 
 
-def generate_samples(num_images: int, image_size: int, prompt: str, seed: int) -> list[Sample]:
+def generate_captions(num_images: int, image_size: int, prompt: str, seed: int) -> list[Caption]:
+    """One caption record per generated image: a span per named object, sent when nothing is hallucinated."""
     rng = random.Random(seed)
     names = list(OBJECTS)
-    samples: list[Sample] = []
+    captions: list[Caption] = []
     for idx in range(num_images):
         present = rng.sample(names, rng.randint(1, 3))
         absent = [n for n in names if n not in present]
         hallucinated = rng.choice(absent) if rng.random() < 0.5 else None
         image = draw_scene(present, image_size, rng)
-        caption = caption_for(present, hallucinated)
-        image_id = f"synthetic-{idx:05d}"
+        text = caption_for(present, hallucinated)
+        spans = []
         for name in present + ([hallucinated] if hallucinated else []):
-            context, target = object_span(caption, name)
+            context, target = object_span(text, name)
             kind = "neg" if name == hallucinated else "pos"
-            score = ABSENT_SCORE if kind == "neg" else PRESENT_SCORE
-            samples.append(Sample(image, prompt, context, target, kind, name, score, image_id))
-        if hallucinated is None:
-            samples.append(Sample(image, prompt, "", caption, "sent", "", PRESENT_SCORE, image_id))
-    return samples
+            spans.append(Span(len(context), len(context) + len(target), kind, name,
+                              ABSENT_SCORE if kind == "neg" else PRESENT_SCORE))
+        captions.append(Caption(image, prompt, text, spans, sent=hallucinated is None, sent_score=PRESENT_SCORE,
+                                sent_min_score=PRESENT_SCORE, image_id=f"synthetic-{idx:05d}"))
+    return captions
+
+
+def generate_samples(num_images: int, image_size: int, prompt: str, seed: int) -> list[Sample]:
+    """The same data as per-kind samples (EFUF's unit): each caption's spans, then its sent sample."""
+    return [s for c in generate_captions(num_images, image_size, prompt, seed) for s in c.unpack()]
 
 
 # COCO's own category ids for the generator's objects.

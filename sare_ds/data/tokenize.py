@@ -1,4 +1,20 @@
-"""Chat-template tokenisation with labels on the target span only, and batch collation.
+"""Chat-template tokenisation with labels on the target spans only, and batch collation.
+
+Two units, one rule for which tokens carry a span's loss (those whose characters overlap it):
+
+- a caption (`tokenize_caption`, packed training): the conversation is rendered and tokenised
+  ONCE with the whole response; every span of the caption (pos, neg) and the sent response
+  (+ EOS) get per-token loss weights over that one token sequence, so one forward gives every
+  span's NLL. With packing off it returns the per-sample view instead (one sequence per span,
+  each cut after its span), which is how EFUF's own code forwards the data.
+- a sample (`tokenize_sample`, the per-sample reference; evaluation): described below.
+
+The boundary rule. A token belongs to a span when its characters overlap the span's. In the
+packed tokenisation the text after a span is present, so a tokenizer may merge the span's last
+characters with what follows (SentencePiece-style vocabularies have pieces such as "s," or
+"."-merges); that token then belongs to the span (it is the token the model emitted when it wrote
+the caption). The per-sample cut never sees the following text, so its last token can differ
+there; everywhere else the two give the same tokens, labels and NLL (tests/test_packing.py).
 
 The sample is rendered as the model's own conversation (user: image + prompt; assistant:
 context + target), the text is cut right after the target (so pos/neg samples never see
@@ -13,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sare_ds.data.samples import KIND_INDEX, BadSampleError, Sample
+from sare_ds.data.samples import KIND_INDEX, KINDS, BadSampleError, Caption, Sample
 
 IGNORE_INDEX = -100
 
@@ -146,4 +162,199 @@ def collate(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torc
              "score": torch.tensor([s.score for s in samples], dtype=torch.float32)}
     for key in samples[0].image:
         batch[key] = _cat_padded([s.image[key] for s in samples])
+    return batch
+
+
+# ------------------------------------------------------------------------------ packed captions
+
+EFUF_NEG_SCORE_CEILING = 55.0  # EFUF's code weights a neg span by (55 - score), a pos span by its score
+
+
+@dataclass
+class TokenizedCaption:
+    """One forward's worth of a caption: tokens, and per kind the loss weight of every token.
+
+    weights[k, t] = sum over spans s of kind KINDS[k] covering token t of w_s / n_s (n_s: the span's
+    token count; w_s: 1, or EFUF's score weight), so sum_t weights[k, t] * NLL_t is the sum over the
+    caption's spans of kind k of their mean token NLL. counts[k] is the number of those spans: the
+    step divides by the step's total count, which makes L_k a mean over spans.
+    """
+
+    input_ids: torch.Tensor  # [T] long, image placeholder expanded
+    labels: torch.Tensor  # [T] long: the token where any span weights it, IGNORE_INDEX elsewhere
+    weights: torch.Tensor  # [len(KINDS), T] float32
+    counts: torch.Tensor  # [len(KINDS)] float32, spans per kind
+    image: dict
+    image_id: str = ""
+    dropped: dict | None = None  # spans left out (longer than max_length), by reason
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def last_position(self, kinds: tuple[str, ...]) -> int:
+        """Index of the last token weighted for any of `kinds` (-1 when none)."""
+        rows = self.weights[[KIND_INDEX[k] for k in kinds]].sum(0)
+        hit = (rows != 0).nonzero()
+        return int(hit[-1]) if len(hit) else -1
+
+
+def _fast_tokenizer(adapter):
+    tokenizer = adapter.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise BadSampleError(
+            f"{adapter.source}: span labels need a fast tokenizer (character offsets); "
+            "fix: ship tokenizer.json with the checkpoint or load it with use_fast=True")
+    return tokenizer
+
+
+def tokenize_caption(caption: Caption, adapter, max_length: int, *, packing: bool = True,
+                     kinds: tuple[str, ...] = KINDS, score_weighting: bool = False) -> list[TokenizedCaption]:
+    """The sequences one caption is trained on: one (packed) or one per span and sent (packing=False).
+
+    kinds: the span kinds the method trains on (the others get no weight and no sequence of their
+    own). Spans whose last token falls beyond max_length are left out and counted in `.dropped`;
+    a caption with nothing left to train raises BadSampleError (counted as a skip by the caller).
+    """
+    caption.check()
+    if not packing:
+        out, skipped = [], {}
+        for sample in caption.unpack():
+            if sample.kind not in kinds:
+                continue
+            try:
+                out += tokenize_caption(Caption.from_sample(sample), adapter, max_length, packing=True,
+                                        kinds=kinds, score_weighting=score_weighting)
+            except BadSampleError as e:
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+        if not out:
+            raise BadSampleError(f"caption (image {caption.image_id}): no sample of kinds {kinds} can be trained on "
+                                 f"({skip_reasons(skipped) or 'none of these kinds'})",
+                                 reason=next(iter(skipped)) if len(skipped) == 1 else f"no span of kinds {kinds}")
+        if skipped:
+            out[0].dropped = {**(out[0].dropped or {}), **skipped}
+        return out
+
+    tokenizer = _fast_tokenizer(adapter)
+    spans = [s for s in caption.spans if s.kind in kinds]
+    sent = caption.sent and "sent" in kinds
+    if not spans and not sent:
+        raise BadSampleError(f"caption (image {caption.image_id}): no span of the kinds this method trains ({kinds})",
+                             reason=f"no span of kinds {'/'.join(kinds)}")
+    response = caption.caption
+    text = adapter.render(adapter.conversation(caption.prompt, response), add_generation_prompt=False)
+    start = text.rfind(response)
+    if start < 0:
+        raise BadSampleError(
+            f"caption (image {caption.image_id}): the chat template altered the response text, so the spans "
+            "cannot be located; fix: strip template control strings from the caption")
+    text = text[:start + len(response)]  # what follows the response (end-of-turn strings) carries no loss
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = list(enc["offset_mapping"])
+    if needs_bos(tokenizer, ids):
+        ids.insert(0, tokenizer.bos_token_id)
+        offsets.insert(0, (0, 0))
+
+    def covering(lo: int, hi: int) -> list[int]:
+        return [t for t, (a, b) in enumerate(offsets) if b > lo and a < hi]
+
+    pieces: list[tuple[int, list[int], float]] = []  # (kind index, token positions, weight)
+    for s in spans:
+        w = 1.0
+        if score_weighting:
+            w = s.score if s.kind == "pos" else EFUF_NEG_SCORE_CEILING - s.score
+        pieces.append((KIND_INDEX[s.kind], covering(start + s.start, start + s.end), w))
+    if sent:
+        ids.append(tokenizer.eos_token_id)
+        offsets.append((len(text), len(text)))
+        pieces.append((KIND_INDEX["sent"], covering(start, start + len(response)) + [len(ids) - 1], 1.0))
+
+    image = adapter.image_inputs(caption.image)
+    image_token_id = adapter.image_token_id
+    n_placeholders = ids.count(image_token_id)
+    if n_placeholders != 1:
+        raise BadSampleError(
+            f"caption (image {caption.image_id}): expected one image placeholder in the rendered prompt, found "
+            f"{n_placeholders}; fix: remove image tokens from prompt/caption text")
+    pos = ids.index(image_token_id)
+    n_image = image.num_image_tokens
+    shift = n_image - 1
+    ids = ids[:pos] + [image_token_id] * n_image + ids[pos + 1:]
+    total = len(ids)
+
+    weights = torch.zeros(len(KINDS), min(total, max_length), dtype=torch.float32)
+    counts = torch.zeros(len(KINDS), dtype=torch.float32)
+    dropped: dict[str, int] = {}
+    for k, positions, w in pieces:
+        positions = [t + shift if t > pos else t for t in positions]
+        if not positions:
+            dropped["span has no tokens"] = dropped.get("span has no tokens", 0) + 1
+            continue
+        if positions[-1] >= max_length:
+            reason = f"longer than data.max_length = {max_length}"
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        weights[k, positions] += w / len(positions)
+        counts[k] += 1
+    if not counts.any():
+        raise BadSampleError(
+            f"caption (image {caption.image_id}): {total} tokens ({n_image} of them the image's); no span ends within "
+            f"data.max_length = {max_length}; fix: raise data.max_length (the launch/configs/ recipe of this model sets "
+            "one that fits) or shorten the caption",
+            reason=next(iter(dropped)) if dropped else "no span has tokens")
+    length = min(total, max_length)
+    input_ids = torch.tensor(ids[:length], dtype=torch.long)
+    labels = torch.where(weights.ne(0).any(0), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return [TokenizedCaption(input_ids, labels, weights, counts, image.tensors, caption.image_id, dropped or None)]
+
+
+def skip_reasons(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {r}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+
+
+def collate_captions(items: list[TokenizedCaption], pad_token_id: int, kinds: tuple[str, ...],
+                     trim: bool = True) -> dict[str, torch.Tensor] | None:
+    """The batch of one pass over `kinds`: the items with weight on any of them, right-padded and
+    cut after the last weighted token (causal attention: what follows cannot change these tokens'
+    NLL). None when no item has such a weight.
+
+    Keys: input_ids, attention_mask, image tensors; `keep` [K] the positions whose logits are needed
+    (position t - 1 predicts token t), `targets` [B, K] and `weights` [B, len(KINDS), K] at those
+    positions (kinds outside `kinds` zeroed).
+    """
+    rows = [it for it in items if kinds and it.last_position(kinds) >= 0]
+    if not rows:
+        return None
+    mask = torch.zeros(len(KINDS), 1)
+    for k in kinds:
+        mask[KIND_INDEX[k]] = 1.0
+    length = max(it.last_position(kinds) + 1 for it in rows) if trim else max(len(it.input_ids) for it in rows)
+    b = len(rows)
+    input_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    w = torch.zeros((b, len(KINDS), length), dtype=torch.float32)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    for i, it in enumerate(rows):
+        n = min(len(it.input_ids), length)
+        input_ids[i, :n], attention[i, :n] = it.input_ids[:n], 1
+        w[i, :, :n] = it.weights[:, :n] * mask
+        labels[i, :n] = torch.where(w[i, :, :n].ne(0).any(0), it.labels[:n], IGNORE_INDEX)
+    # Targets at t >= 1 only (a BOS at 0 is never a target); logits of t - 1 predict them.
+    targeted = labels[:, 1:].ne(IGNORE_INDEX).any(0).nonzero().flatten() + 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "keep": targeted - 1,
+             "targets": labels[:, targeted], "weights": w[:, :, targeted]}
+    for key in rows[0].image:
+        batch[key] = _cat_padded([it.image[key] for it in rows])
+    return batch
+
+
+def empty_pass_batch(items: list[TokenizedCaption], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch of the first item with no weight: what a rank forwards in a pass it has nothing for, so
+    every rank runs the same passes and collectives (ZeRO-3 gathers parameters inside each forward)."""
+    it = items[0]
+    batch = collate_captions([it], pad_token_id, KINDS, trim=True)
+    batch["weights"] = torch.zeros_like(batch["weights"][:, :, :1])
+    batch["targets"] = torch.full_like(batch["targets"][:, :1], IGNORE_INDEX)
+    batch["keep"] = batch["keep"][:1]
     return batch

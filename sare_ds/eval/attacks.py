@@ -90,10 +90,11 @@ def fine_tune_attack(adapter, samples: list[Sample], *, trainable: str = "mappin
                      steps: int = 0, batch_size: int = 4, seed: int = 0, lora_r: int = 8, lora_alpha: int = 16,
                      max_length: int = 2048) -> dict:
     """Plain NLL fine-tuning on the samples' targets (steps = 0: one epoch); returns the loss curve."""
+    from sare_ds.data.samples import Caption
     from sare_ds.data.steps import StepComposer
-    from sare_ds.data.tokenize import tokenize_sample
+    from sare_ds.data.tokenize import tokenize_caption
     from sare_ds.train.params import PlainParameterSpace
-    from sare_ds.train.step import UnlearningStep, collate_groups
+    from sare_ds.train.step import UnlearningStep
 
     names = set_attack_trainable(adapter, trainable, lora_r=lora_r, lora_alpha=lora_alpha)
     model = adapter.model
@@ -102,7 +103,7 @@ def fine_tune_attack(adapter, samples: list[Sample], *, trainable: str = "mappin
     for s in samples:
         try:
             # The hallucinated span becomes a capability target: plain NLL makes it likely again.
-            tokenized.append(tokenize_sample(dataclasses.replace(s, kind="pos"), adapter, max_length))
+            tokenized += tokenize_caption(Caption.from_sample(dataclasses.replace(s, kind="pos")), adapter, max_length)
         except BadSampleError:
             skipped += 1
     batch_size = max(1, min(batch_size, len(tokenized)))
@@ -114,15 +115,15 @@ def fine_tune_attack(adapter, samples: list[Sample], *, trainable: str = "mappin
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     space = PlainParameterSpace(params, optimizer, None, clip_grad_norm=1.0)
-    step = UnlearningStep(model, adapter.forward_inputs, space, MethodConfig(name="ft", lambda2=0.0),
-                          device=param.device, dtype=param.dtype)
     pad_id = adapter.tokenizer.pad_token_id
     pad_id = adapter.tokenizer.eos_token_id if pad_id is None else pad_id
+    step = UnlearningStep(model, adapter.forward_inputs, space, MethodConfig(name="ft", lambda2=0.0),
+                          device=param.device, dtype=param.dtype, pad_token_id=pad_id)
     torch.manual_seed(seed)
     model.train()
     losses = []
     for micro in composer:
-        metrics = step([collate_groups(mb, "ft", pad_id) for mb in micro])
+        metrics = step(micro)  # each micro-batch: {"pos": [sequences]}
         # Kept on the device: reading a value every step would wait for the device each time.
         losses.append(metrics["loss/pos"].detach())
     losses = torch.stack(losses).float().tolist() if losses else []

@@ -1,5 +1,10 @@
 """Span losses: per-sample mean token NLL of the target span, and the kind losses.
 
+Training (packed or not) uses `span_sums`: the logits of the labelled positions only
+(`collate_captions`'s `keep`), one fp32 cross-entropy over them, and per kind the weighted sum
+that `UnlearningStep` divides by the step's span count (pooled means). `per_sample_nll` and
+`kind_losses` are the per-sample forms (full logits), kept for evaluation and as references.
+
     L_pos  = mean NLL over pos samples       (keep grounded text likely)
     L_neg  = - mean NLL over neg samples     (gradient ascent on hallucinated spans)
     L_sent = mean NLL over sent samples      (keep whole responses fluent)
@@ -44,3 +49,18 @@ def kind_losses(nll: torch.Tensor, kind: torch.Tensor, score: torch.Tensor,
             weight = mask * (EFUF_NEG_SCORE_CEILING - score.to(nll.dtype))
         out[name] = sign * (nll * weight).sum() / mask.sum().clamp_min(1.0)
     return out
+
+
+# The sign of each kind's loss: L_neg = -NLL (gradient ascent), the others +NLL.
+KIND_SIGN = {"pos": 1.0, "neg": -1.0, "sent": 1.0}
+
+
+def span_sums(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, K, V] logits at the kept positions, [B, K] targets (IGNORE_INDEX: none), [B, n_kinds, K]
+    token weights -> [n_kinds] fp32: per kind, the weighted sum of token NLLs (sum over spans of
+    their mean NLL, with collate_captions' weights). Only the K labelled positions are ever
+    materialised in fp32 (not the whole sequence times the vocabulary)."""
+    b, k, v = logits.shape
+    nll = F.cross_entropy(logits.reshape(b * k, v).float(), targets.reshape(b * k), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(b, k)
+    return torch.einsum("bk,bjk->j", nll, weights.to(nll.dtype))

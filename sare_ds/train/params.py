@@ -6,10 +6,16 @@ The SARE step (sare_ds/train/step.py) is written once against `ParameterSpace`:
                             boundary=False: more backwards add to it before it is read
     zero_grad()             clear that storage (and any accumulation state)
     local_grad_sq_sum()     fp32 sum of g^2 over the gradient elements this rank holds
-    all_reduce_sum(x)       sum a scalar over ranks (identity in one process)
-    perturb(scale)          weights the forward sees <- theta + scale * g
+    all_reduce_sum(x)       sum a tensor over ranks (identity in one process)
+    perturb(scale)          weights the forward sees <- theta + scale * d (d: the direction, below)
     restore()               weights the forward sees <- theta, exactly
     clip_and_step(norm)     clip the accumulated gradient given its global norm, optimizer step
+
+The direction d of eps* is the gradient storage itself, unless the space has a separate direction
+buffer (`separate_direction`: `backward_direction(loss)` accumulates into it), which lets one
+forward at theta give both the ascent direction and the capability gradient (sare_ds/train/step.py).
+`grad_sum_scale` is the factor that turns the backend's reduction over ranks into a sum (DeepSpeed
+averages gradients over data-parallel ranks; the step's losses are already normalised globally).
 
 `PlainParameterSpace` holds ordinary tensors in one process; the ZeRO backend (partitioned
 parameters and gradients under DeepSpeed) implements the same methods.
@@ -29,8 +35,15 @@ class NonFiniteError(FloatingPointError):
 
 
 class ParameterSpace(ABC):
+    separate_direction = False
+    """backward_direction() exists: the ascent direction has its own buffer."""
+    lockstep = False
+    """Every rank must run the same forward/backward passes (collectives inside them: ZeRO)."""
+    grad_sum_scale = 1.0
+    world_size = 1
+
     @abstractmethod
-    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True, retain_graph: bool = False) -> None:
         """`boundary` is False when further backwards add to this gradient before anything reads
         it (a backend may then defer its reduction: ZeRO-2 does)."""
 
@@ -56,7 +69,23 @@ class ParameterSpace(ABC):
     @abstractmethod
     def lr(self) -> float: ...
 
+    def begin_direction(self) -> None:
+        """From now until zero_grad(), the direction of eps* is the direction buffer (zero until
+        backward_direction adds to it), not the gradient."""
+        raise NotImplementedError(f"{type(self).__name__} has no separate direction buffer")
+
+    def backward_direction(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no separate direction buffer")
+
+    def local_direction_sq_sum(self) -> torch.Tensor:
+        """fp32 sum of d^2 over this rank's elements of the direction of eps*."""
+        return self.local_grad_sq_sum()
+
     # -- written once on top of the primitives -------------------------------------------
+    def direction_norm(self) -> torch.Tensor:
+        """||d||_2 over all trainable parameters on all ranks (the norm of eps*'s direction)."""
+        return self.all_reduce_sum(self.local_direction_sq_sum()).sqrt()
+
     def global_grad_norm(self) -> torch.Tensor:
         """||g||_2 over all trainable parameters on all ranks: local sum of squares, one all-reduce."""
         return self.all_reduce_sum(self.local_grad_sq_sum()).sqrt()
@@ -79,7 +108,17 @@ class ParameterSpace(ABC):
 
 
 class PlainParameterSpace(ParameterSpace):
-    """Trainable tensors of one process (any device), a torch optimizer and LR scheduler."""
+    """Trainable tensors of one process (any device), a torch optimizer and LR scheduler.
+
+    Memory beyond the weights and their gradient: ONE buffer of the trainable set's size. It holds
+    the ascent direction g (backward_direction), then, from perturb() to restore(), theta itself
+    (written over g by the fused perturb: g is dead once eps* is formed). While a later micro-batch's
+    direction is added to it, that backward's own gradient tensors exist too (transiently).
+    Without backward_direction (the direction in the gradient), perturb() moves the gradient
+    tensors into that buffer and the perturbed backward allocates new gradients: the same count.
+    """
+
+    separate_direction = True
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                  scheduler=None, clip_grad_norm: float = 0.0):
@@ -90,17 +129,42 @@ class PlainParameterSpace(ParameterSpace):
         self.scheduler = scheduler
         self.clip_grad_norm = clip_grad_norm
         self._backup: list[torch.Tensor] | None = None
+        self._direction: list[torch.Tensor] | None = None
+        self._direction_mode = False  # begin_direction() was called: d is the buffer (None: d = 0)
 
     def _grads(self) -> list[torch.Tensor]:
         # A parameter the loss did not reach has grad None: it counts as a zero gradient.
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
-    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, boundary: bool = True, retain_graph: bool = False) -> None:
+        loss.backward(retain_graph=retain_graph)
+
+    def begin_direction(self) -> None:
+        self._direction_mode = True
+
+    def backward_direction(self, loss: torch.Tensor) -> None:
+        if not self._direction_mode:
+            raise RuntimeError("backward_direction() before begin_direction()")
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        if self._direction is None:
+            self._direction = grads  # the first micro-batch's gradient becomes the buffer
+        else:
+            torch._foreach_add_(self._direction, grads)
+
+    def local_direction_sq_sum(self) -> torch.Tensor:
+        if not self._direction_mode:
+            return self.local_grad_sq_sum()
+        if self._direction is None:  # no direction loss in this step (no neg span): d = 0
+            return torch.zeros((), dtype=torch.float32, device=self.params[0].device)
+        return kernels.sum_of_squares(self._direction)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+        if self._backup is None:
+            self._direction = None
+            self._direction_mode = False
 
     def local_grad_sq_sum(self) -> torch.Tensor:
         return kernels.sum_of_squares(self._grads())
@@ -110,24 +174,37 @@ class PlainParameterSpace(ParameterSpace):
         if self._backup is not None:
             raise RuntimeError("perturb() called twice without restore()")
         # Plain fp32 training has no separate master copy, so theta must be kept: the fused
-        # pass writes it into the gradient buffer (dead once eps* is formed; no new memory)
-        # while writing theta + scale * g into the weights. Restoring copies it back exactly;
-        # re-subtracting eps would not be exact.
-        grads = self._grads()
-        kernels.perturb_with_backup_([p.data for p in self.params], grads, scale, grads)
-        self._backup = grads
-        for p in self.params:
-            p.grad = None  # the buffer now holds theta, not a gradient
+        # pass writes it into the direction's buffer (dead once eps* is formed) while writing
+        # theta + scale * d into the weights. Restoring copies it back exactly; re-subtracting
+        # eps would not be exact.
+        if self._direction_mode:
+            if self._direction is None:  # d = 0: theta + scale * 0 is theta; nothing to keep
+                self._backup = []
+                return
+            buffer, self._direction = self._direction, None
+            kernels.perturb_with_backup_([p.data for p in self.params], buffer, scale, buffer)
+        else:
+            buffer = self._grads()
+            kernels.perturb_with_backup_([p.data for p in self.params], buffer, scale, buffer)
+            for p in self.params:
+                p.grad = None  # the buffer now holds theta, not a gradient
+        self._backup = buffer
 
     @torch.no_grad()
     def restore(self) -> None:
         if self._backup is None:
             return
-        kernels.restore_from_([p.data for p in self.params], self._backup)
+        if self._backup:
+            kernels.restore_from_([p.data for p in self.params], self._backup)
         self._backup = None
 
     @torch.no_grad()
     def clip_and_step(self, grad_norm: torch.Tensor) -> None:
+        # A parameter no pass reached (e.g. a step without neg spans in SARE's perturbed pass) has a zero
+        # gradient, as under ZeRO: the optimizer still steps it (moments, weight decay).
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.clip_grad_norm > 0:
             # Same rule as torch.nn.utils.clip_grad_norm_, with the norm already computed.
             coef = (self.clip_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)

@@ -1,34 +1,49 @@
-"""One optimizer step of FT, EFUF or SARE, written once against a ParameterSpace.
+"""One optimizer step of any method in sare_ds.methods, written once against a ParameterSpace.
 
 SARE (targeted SAM, docs/method.md section 4), per optimizer step over all micro-batches:
 
-    1. g      = grad L_neg(theta)                          neg pass at theta
+    1. g      = grad L_neg(theta)                          over the step's neg spans, all ranks
     2. eps*   = rho * g / ||g||_2                          norm over ALL trainable params, all ranks
-    3. theta' = theta + eps*;  g_neg = grad L_neg(theta')  perturbed neg pass
+    3. theta' = theta + eps*;  g_neg = grad L_neg(theta')  perturbed pass (captions with neg spans)
     4. restore theta exactly                               (also when step 3 raises)
-    5. g_cap  = grad [L_pos + lambda2 L_sent](theta)       capability pass at theta
+    5. g_cap  = grad [L_pos + lambda2 L_sent](theta)
     6. g      = lambda1 g_neg + g_cap; clip; optimizer step
 
-Steps 3 and 5 accumulate into the same gradient storage (g_neg is cleared of step 1's g
-first), so the composed gradient costs no extra buffer. EFUF is L_pos + lambda1 L_neg +
-lambda2 L_sent in one backward; FT is the capability losses alone. With rho = 0 SARE's
-update equals EFUF's (up to the order of the gradient sums).
+L_k is the mean over ALL spans of kind k in the step (every micro-batch, every rank): span counts
+are summed once per step (one all-reduce, before the first backward) and each micro-batch's
+loss is its sum of span NLLs over that count, so packing, accumulation and world size leave the
+objective unchanged. FT and EFUF are one pass with the weights of their `at_theta`.
 
-No value crosses to the host inside the step (the returned metrics are device tensors),
-except the optional finite check before the optimizer step.
+Two schedules of the same six steps (docs/architecture.md):
+- shared forward at theta (a space with a separate direction buffer: PlainParameterSpace): one
+  forward of every caption at theta; the backward of L_neg goes to the direction buffer (g), the
+  backward of the capability losses to the gradient; after the perturbed pass the gradient holds
+  g_cap + lambda1 g_neg. Passes over the data: 1 forward + 2 backwards at theta, 1 forward+backward
+  at theta + eps*.
+- separate passes (ZeRO: one gradient store, partitioned): steps 1, 3 and 5 as three passes; the
+  neg passes only forward captions with neg spans, cut after their last neg token.
+Every rank runs the same passes whatever its data (a micro-batch with nothing of a pass's kinds
+forwards a weightless stand-in): ZeRO-3 gathers parameters inside each forward, and a rank that
+skipped one would leave the others waiting.
+
+No value crosses to the host inside the step (metrics are device tensors), except the optional
+finite check before the optimizer step.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from sare_ds.data.tokenize import collate
-from sare_ds.train.losses import kind_losses, per_sample_nll
+from sare_ds.data.samples import KIND_INDEX, KINDS
+from sare_ds.data.tokenize import TokenizedCaption, collate_captions, empty_pass_batch
+from sare_ds.methods import get_method
+from sare_ds.train.losses import KIND_SIGN, span_sums
 from sare_ds.train.params import ParameterSpace
 from sare_ds.train.timing import PhaseTimer
 
-# The collated groups of samples each method needs in a micro-batch.
-METHOD_GROUPS = {"ft": ("cap",), "efuf": ("all",), "sare": ("neg", "cap")}
 _TINY_NORM = 1e-12
+MicroBatch = list[TokenizedCaption]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
@@ -42,93 +57,172 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch
     return out
 
 
-class UnlearningStep:
-    """Callable: `metrics = step(micro_batches)`; each micro-batch maps group -> batch."""
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs and LLaVA-family
+    models do; it then runs the LM head on those positions only). Looks through DeepSpeed and PEFT."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
-    def __init__(self, model, forward_inputs, space: ParameterSpace, method_cfg, *,
-                 device: torch.device, dtype: torch.dtype, check_finite: bool = True,
-                 timer: PhaseTimer | None = None):
+
+def flatten(micro_batch) -> MicroBatch:
+    """A micro-batch as a list of sequences (the per-kind stream gives {kind: [items]})."""
+    if isinstance(micro_batch, dict):
+        return [it for kind in KINDS for it in micro_batch.get(kind, [])]
+    return list(micro_batch)
+
+
+class UnlearningStep:
+    """Callable: `metrics = step(micro_batches)`; a micro-batch is a list of TokenizedCaption."""
+
+    def __init__(self, model, forward_inputs, space: ParameterSpace, method_cfg, *, device: torch.device,
+                 dtype: torch.dtype, pad_token_id: int, check_finite: bool = True, timer: PhaseTimer | None = None,
+                 keep_logits: bool | None = None):
         self.model = model
         self.forward_inputs = forward_inputs
         self.space = space
-        self.method = method_cfg
+        self.cfg = method_cfg
+        self.method = get_method(method_cfg.name)
         self.device = device
         self.dtype = dtype
+        self.pad_token_id = pad_token_id
         self.check_finite = check_finite
         self.timer = timer or PhaseTimer(device, enabled=False)
+        # The LM head on the labelled positions only, through the model's own `logits_to_keep`; a model
+        # without it computes every position's logits and the kept ones are picked (same NLL).
+        self.keep_logits = accepts_logits_to_keep(model) if keep_logits is None else keep_logits
         self._last_losses: dict[str, torch.Tensor] = {}
 
-    # -- losses of one group over all micro-batches, accumulated into the gradient -------
-    def _terms(self, batch: dict) -> dict[str, torch.Tensor]:
+    # -- one forward: per-kind sums of span NLLs -----------------------------------------
+    def _sums(self, batch: dict) -> torch.Tensor:
         batch = to_device(batch, self.device, self.dtype)
-        logits = self.model(**self.forward_inputs(batch)).logits
-        nll = per_sample_nll(logits, batch["labels"])
-        return kind_losses(nll, batch["kind"], batch["score"], self.method.score_weighting)
+        keep = batch["keep"]
+        if self.keep_logits:
+            logits = self.model(**self.forward_inputs(batch), logits_to_keep=keep).logits
+        else:
+            logits = self.model(**self.forward_inputs(batch)).logits[:, keep]
+        return span_sums(logits, batch["targets"], batch["weights"])
 
-    def _accumulate(self, micro_batches: list[dict], group: str, weights: dict[str, float],
-                    read_after: bool = True) -> dict:
-        """Backward of sum_k weights[k] * L_k, averaged over micro-batches; returns the L_k (detached).
+    def _batch(self, items: MicroBatch, kinds: tuple[str, ...]) -> dict | None:
+        batch = collate_captions(items, self.pad_token_id, kinds)
+        if batch is None and self.space.lockstep:
+            batch = empty_pass_batch(items, self.pad_token_id)
+        return batch
 
-        read_after: the gradient is read right after this pass (norm, perturbation or optimizer
-        step), so its last backward is a reduction boundary.
-        """
-        n = len(micro_batches)
-        last = max((i for i, mb in enumerate(micro_batches) if mb.get(group) is not None), default=-1)
-        means: dict[str, torch.Tensor] = {}
-        for i, mb in enumerate(micro_batches):
-            batch = mb.get(group)
+    def _objective(self, sums: torch.Tensor, weights: dict[str, float], counts: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k sign_k sums_k / N_k: this micro-batch's share of the step's pooled objective."""
+        return sum(w * KIND_SIGN[k] * sums[KIND_INDEX[k]] / counts[KIND_INDEX[k]].clamp_min(1.0)
+                   for k, w in weights.items())
+
+    def _pass(self, micro: list[MicroBatch], weights: dict[str, float], counts: torch.Tensor,
+              read_after: bool = True) -> torch.Tensor:
+        """Forward+backward of sum_k weights[k] L_k over the micro-batches; returns the per-kind sums of
+        span NLLs (detached). read_after: the gradient is read right after this pass (a reduction
+        boundary for the last backward)."""
+        kinds = tuple(k for k, w in weights.items() if w != 0) or tuple(weights)
+        total = torch.zeros(len(KINDS), device=self.device)
+        for i, items in enumerate(micro):
+            batch = self._batch(items, kinds)
             if batch is None:
                 continue
-            terms = self._terms(batch)
-            loss = sum(w * terms[k] for k, w in weights.items())
-            self.space.backward(loss / n, boundary=read_after and i == last)
-            for k in weights:
-                means[k] = means.get(k, 0.0) + terms[k].detach() / n
-        return means
+            sums = self._sums(batch)
+            loss = self._objective(sums, weights, counts) * self.space.grad_sum_scale
+            self.space.backward(loss, boundary=read_after and i == len(micro) - 1)
+            total += sums.detach()
+        return total
+
+    def _shared_pass(self, micro: list[MicroBatch], direction: dict[str, float], capability: dict[str, float],
+                     counts: torch.Tensor) -> torch.Tensor:
+        """One forward at theta per micro-batch for both gradients: the direction losses' backward into
+        the space's direction buffer, the capability losses' into the gradient."""
+        kinds = tuple(dict.fromkeys([*direction, *capability]))
+        total = torch.zeros(len(KINDS), device=self.device)
+        self.space.begin_direction()  # a step without direction losses has d = 0, not the gradient
+        for items in micro:
+            batch = collate_captions(items, self.pad_token_id, kinds)
+            if batch is None:
+                continue
+            # Which of the two backwards this batch needs, read on the host tensors (no device sync).
+            has = {k: bool(batch["weights"][:, KIND_INDEX[k]].any()) for k in kinds}
+            need_dir = any(has[k] for k in direction)
+            need_cap = any(has[k] and w != 0 for k, w in capability.items())
+            sums = self._sums(batch)
+            scale = self.space.grad_sum_scale
+            if need_cap:
+                self.space.backward(self._objective(sums, capability, counts) * scale, retain_graph=need_dir)
+            if need_dir:
+                self.space.backward_direction(self._objective(sums, direction, counts) * scale)
+            total += sums.detach()
+        return total
+
+    def _step_counts(self, micro: list[MicroBatch]) -> torch.Tensor:
+        """Spans of each kind in the whole optimizer step: this rank's, summed over ranks (one all-reduce)."""
+        local = torch.zeros(len(KINDS))
+        for items in micro:
+            for it in items:
+                local += it.counts
+        return self.space.all_reduce_sum(local.to(self.device))
+
+    def _losses(self, sums: torch.Tensor, counts: torch.Tensor, kinds) -> dict[str, torch.Tensor]:
+        """L_k of the step. Each rank holds its share of the pooled mean; scaled by the world size, the
+        mean over ranks (the logging all-reduce) is the pooled mean itself."""
+        world = self.space.world_size
+        return {k: KIND_SIGN[k] * sums[KIND_INDEX[k]] / counts[KIND_INDEX[k]].clamp_min(1.0) * world for k in kinds}
 
     # -- the step ------------------------------------------------------------------------
-    def __call__(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-        m = self.method
-        capability = {"pos": 1.0, "sent": m.lambda2}
+    def __call__(self, micro_batches) -> dict[str, torch.Tensor]:
+        micro = [flatten(mb) for mb in micro_batches]
+        method, t = self.method, self.timer
+        at_theta = method.weights(method.at_theta, self.cfg)
         metrics: dict[str, torch.Tensor] = {}
         self.space.zero_grad()
+        counts = self._step_counts(micro)
+        metrics.update({f"data/spans_{k}": counts[KIND_INDEX[k]] for k in method.kinds})
 
-        t = self.timer
-        if m.name == "ft":
-            with t("capability"):
-                metrics.update(self._accumulate(micro_batches, "cap", capability))
-        elif m.name == "efuf":
-            with t("efuf"):
-                metrics.update(self._accumulate(micro_batches, "all", {"pos": 1.0, "neg": m.lambda1, "sent": m.lambda2}))
-        elif m.name == "sare":
-            with t("neg_at_theta"):                                                      # 1. g
-                neg_at_theta = self._accumulate(micro_batches, "neg", {"neg": 1.0})["neg"]
-            with t("grad_norm"):                                                         # 2. ||g||
-                grad_norm_neg = self.space.global_grad_norm()
-                scale = m.rho / grad_norm_neg.clamp_min(_TINY_NORM)                      #    eps* = scale * g
+        if not method.sharpness_aware:
+            with t(method.name):
+                sums = self._pass(micro, at_theta, counts)
+            metrics.update(self._losses(sums, counts, at_theta))
+        else:
+            sharp = method.weights(method.sharp, self.cfg)
+            unit = {k: 1.0 for k in sharp}  # the direction of eps*: the unweighted gradient of these losses
+            if self.space.separate_direction:
+                with t("theta"):                                                       # 1. g and 5. g_cap
+                    sums = self._shared_pass(micro, unit, at_theta, counts)
+                metrics.update(self._losses(sums, counts, at_theta))
+            else:
+                with t("neg_at_theta"):                                                # 1. g
+                    sums = self._pass(micro, unit, counts)
+            at_theta_sharp = self._losses(sums, counts, sharp)
+            with t("grad_norm"):                                                       # 2. ||g||
+                grad_norm = self.space.direction_norm()
+                scale = self.cfg.rho / grad_norm.clamp_min(_TINY_NORM)                #    eps* = scale * g
             with t("perturb"):
-                self.space.perturb(scale)                                                # 3. theta + eps*
+                self.space.perturb(scale)                                              # 3. theta + eps*
             try:
                 with t("neg_at_eps"):
-                    self.space.zero_grad()
-                    has_cap = any(mb.get("cap") is not None for mb in micro_batches)
-                    neg_at_eps = self._accumulate(micro_batches, "neg", {"neg": m.lambda1},
-                                                  read_after=not has_cap)["neg"]
+                    if not self.space.separate_direction:
+                        self.space.zero_grad()  # g has been used; the gradient now collects lambda1 g_neg
+                    sums_eps = self._pass(micro, sharp, counts, read_after=self.space.separate_direction)
             finally:
                 with t("restore"):
-                    self.space.restore()                                                 # 4. theta, exactly
-            with t("capability"):                          # 5. capability gradient at theta adds to lambda1 g_neg
-                metrics.update(self._accumulate(micro_batches, "cap", capability))
+                    self.space.restore()                                               # 4. theta, exactly
+            if not self.space.separate_direction:
+                with t("capability"):                                                  # 5. g_cap adds to it
+                    metrics.update(self._losses(self._pass(micro, at_theta, counts), counts, at_theta))
+            at_eps = self._losses(sums_eps, counts, sharp)
+            metrics.update(at_theta_sharp)
             metrics.update({
-                "neg": neg_at_theta,
-                "sam/grad_norm_neg": grad_norm_neg,
-                "sam/eps_norm": scale * grad_norm_neg,
-                "sam/sharpness_gap": neg_at_eps - neg_at_theta,
+                "sam/grad_norm_neg": grad_norm,
+                "sam/eps_norm": scale * grad_norm,
+                "sam/sharpness_gap": sum(at_eps[k] - at_theta_sharp[k] for k in sharp),
             })
-        else:
-            raise ValueError(f"method.name = {m.name!r}: unknown method; use ft, efuf or sare")
 
-        self._last_losses = {k: v for k, v in metrics.items() if not k.startswith("sam/")}
+        self._last_losses = {k: v for k, v in metrics.items() if "/" not in k}
         with t("optimizer_step"):
             metrics["train/grad_norm"] = self.space.step(self.check_finite, self._describe)  # 6.
         return {(k if "/" in k else f"loss/{k}"): v for k, v in metrics.items()}
@@ -136,13 +230,3 @@ class UnlearningStep:
     def _describe(self) -> str:
         parts = ", ".join(f"loss/{k}={float(v):.4g}" for k, v in self._last_losses.items())
         return f"at step losses ({parts})" if parts else ""
-
-
-def collate_groups(micro_batch: dict[str, list], method: str, pad_token_id: int) -> dict[str, dict | None]:
-    """Collate the sample groups `method` forwards: neg alone, pos+sent (cap), or all kinds."""
-    members = {"neg": ("neg",), "cap": ("pos", "sent"), "all": ("pos", "neg", "sent")}
-    out: dict[str, dict | None] = {}
-    for group in METHOD_GROUPS[method]:
-        samples = [s for kind in members[group] for s in micro_batch.get(kind, [])]
-        out[group] = collate(samples, pad_token_id) if samples else None
-    return out

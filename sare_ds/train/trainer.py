@@ -24,14 +24,15 @@ import torch
 
 import sare_kernels as kernels
 from sare_ds.config import ConfigError, TrainConfig, save_config
-from sare_ds.data.samples import KINDS, BadSampleError, skip_report
-from sare_ds.data.steps import StepComposer, per_step_counts
-from sare_ds.data.tokenize import TYPICAL_CAPTION_TOKENS, fixed_sample_tokens, tokenize_sample
+from sare_ds.data.samples import BadSampleError, Caption, skip_report
+from sare_ds.data.steps import CAPTIONS, StepComposer, per_step_counts
+from sare_ds.data.tokenize import TYPICAL_CAPTION_TOKENS, fixed_sample_tokens, tokenize_caption
+from sare_ds.methods import get_method
 from sare_ds.dist import DistInfo, barrier, broadcast_object, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
 from sare_ds.train.logging import MetricLogger
 from sare_ds.train.params import NonFiniteError, ParameterSpace, PlainParameterSpace
-from sare_ds.train.step import UnlearningStep, collate_groups
+from sare_ds.train.step import UnlearningStep
 from sare_ds.train.timing import PhaseTimer
 
 log = logging.getLogger("sare_ds.train")
@@ -88,49 +89,75 @@ def lr_multiplier(optim_cfg, total_steps: int):
     return factor
 
 
-def tokenize_all(samples, adapter, max_length: int):
-    """Tokenised samples by kind; bad samples are skipped, counted by reason and logged."""
-    by_kind = {k: [] for k in KINDS}
-    skipped: dict[str, int] = {}
-    for s in samples:
+class CaptionTokenizer:
+    """A caption (or a per-kind sample, as a caption of one span) -> the sequences it is trained on:
+    one when packed, one per span otherwise (a class, not a closure, so DataLoader workers pickle it)."""
+
+    def __init__(self, adapter, cfg: TrainConfig):
+        self.adapter, self.max_length, self.packing = adapter, cfg.data.max_length, cfg.data.packing
+        self.kinds = get_method(cfg.method.name).kinds
+        self.score_weighting = cfg.method.score_weighting
+
+    def __call__(self, item):
+        caption = item if isinstance(item, Caption) else Caption.from_sample(item)
+        return tokenize_caption(caption, self.adapter, self.max_length, packing=self.packing, kinds=self.kinds,
+                                score_weighting=self.score_weighting)
+
+
+def sequences(micro_batch: dict[str, list]) -> list:
+    """The sequences of one micro-batch of the stream ({stream kind: [the tokenizer's lists]})."""
+    return [seq for items in micro_batch.values() for item in items for seq in item]
+
+
+def tokenize_all(captions: list[Caption], tokenizer: CaptionTokenizer):
+    """Tokenised captions (each a list of sequences); bad ones are skipped, counted by reason and logged."""
+    out, skipped = [], {}
+    for c in captions:
         try:
-            t = tokenize_sample(s, adapter, max_length)
+            out.append(tokenizer(c))
         except BadSampleError as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             log.warning("skipping %s", e)
-            continue
-        by_kind[s.kind].append(t)
-    return by_kind, skipped
+    return out, skipped
 
 
 def build_data(cfg: TrainConfig, adapter, info: DistInfo, start_step: int):
     """The per-step micro-batches of this rank (from shards or generated scenes) and a data report."""
-    per_step = per_step_counts(cfg.data, cfg.method.name)
+    tokenizer = CaptionTokenizer(adapter, cfg)
     if cfg.data.source == "shards":
+        from sare_ds.data.shards import shard_format
         from sare_ds.data.stream import ShardStream
 
         shards = cfg.data.shards.split(",") if "," in cfg.data.shards else cfg.data.shards
+        data_format = shard_format(shards)
+        per_step = per_step_counts(cfg.data, cfg.method.name, data_format)
+        if data_format != "captions":
+            log.warning("%s holds per-kind samples (the format before caption records): each sample is its own "
+                        "sequence, so packing has nothing to pack. Convert it with `python launch/curate.py convert "
+                        "%s <new dir>` to train one forward per caption.", cfg.data.shards, cfg.data.shards)
         stream = ShardStream(
-            shards, adapter, per_step=per_step, grad_accum_steps=cfg.optim.grad_accum_steps, epochs=cfg.optim.epochs,
-            seed=cfg.optim.seed, max_steps=cfg.optim.max_steps, max_length=cfg.data.max_length, rank=info.rank,
+            shards, per_step=per_step, grad_accum_steps=cfg.optim.grad_accum_steps, epochs=cfg.optim.epochs,
+            seed=cfg.optim.seed, max_steps=cfg.optim.max_steps, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-            start_step=start_step, skip_corrupt=cfg.data.skip_corrupt, allow_remote=cfg.data.allow_remote)
-        report = {"source": "shards", "shards": cfg.data.shards, "steps": len(stream),
-                  "dropped_per_epoch": stream.dropped_per_epoch, "repeated_per_epoch": stream.repeated_per_epoch,
-                  "skipped": stream.skipped}
+            start_step=start_step, skip_corrupt=cfg.data.skip_corrupt, allow_remote=cfg.data.allow_remote,
+            tokenize=tokenizer)
+        report = {"source": "shards", "shards": cfg.data.shards, "format": data_format, "packing": cfg.data.packing,
+                  "steps": len(stream), "dropped_per_epoch": stream.dropped_per_epoch,
+                  "repeated_per_epoch": stream.repeated_per_epoch, "skipped": stream.skipped}
         return stream, report
-    from sare_ds.data.synthetic import generate_samples
+    from sare_ds.data.synthetic import generate_captions
 
-    samples = generate_samples(cfg.data.num_images, cfg.data.image_size, cfg.data.prompt, cfg.optim.seed)
-    by_kind, skipped = tokenize_all(samples, adapter, cfg.data.max_length)
-    for kind, n in per_step.items():
-        if n > 0 and not by_kind[kind]:
-            raise BadSampleError(f"no usable {kind} sample among the {len(samples)} generated ones: every one was "
-                                 f"skipped. Skipped, by reason: {skip_report(skipped)}; the warnings above name the fix")
-    composer = StepComposer(by_kind, per_step, cfg.optim.grad_accum_steps, cfg.optim.epochs, cfg.optim.seed,
-                            cfg.optim.max_steps, rank=info.rank, world_size=info.world_size, start_step=start_step)
-    report = {"source": "synthetic", "samples": {k: len(v) for k, v in by_kind.items()}, "skipped": skipped,
-              "steps": len(composer)}
+    captions = generate_captions(cfg.data.num_images, cfg.data.image_size, cfg.data.prompt, cfg.optim.seed)
+    tokenized, skipped = tokenize_all(captions, tokenizer)
+    if not tokenized:
+        raise BadSampleError(f"no usable caption among the {len(captions)} generated ones: every one was skipped. "
+                             f"Skipped, by reason: {skip_report(skipped)}; the warnings above name the fix")
+    per_step = per_step_counts(cfg.data, cfg.method.name, "captions")
+    composer = StepComposer({CAPTIONS: tokenized}, per_step, cfg.optim.grad_accum_steps, cfg.optim.epochs,
+                            cfg.optim.seed, cfg.optim.max_steps, rank=info.rank, world_size=info.world_size,
+                            start_step=start_step)
+    report = {"source": "synthetic", "format": "captions", "packing": cfg.data.packing, "captions": len(tokenized),
+              "sequences": sum(len(t) for t in tokenized), "skipped": skipped, "steps": len(composer)}
     return composer, report
 
 
@@ -357,11 +384,11 @@ def train(cfg: TrainConfig) -> Path:
     rt = (build_deepspeed(cfg, model, params, ds_config, info, total) if use_ds
           else build_plain(cfg, model, params, total))
     timer = PhaseTimer(rt.device)
-    step_fn = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device, dtype=dtype,
-                             check_finite=cfg.optim.check_finite, timer=timer)
     pad_id = adapter.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = adapter.tokenizer.eos_token_id
+    step_fn = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device, dtype=dtype,
+                             pad_token_id=pad_id, check_finite=cfg.optim.check_finite, timer=timer)
     start = load_checkpoint(rt, run_dir) if cfg.output.resume else 0
     if start:
         batches, _ = build_data(cfg, adapter, info, start)  # the data position of the checkpoint
@@ -375,13 +402,19 @@ def train(cfg: TrainConfig) -> Path:
     logger.advance(start)
     status, last = RUNNING, {}
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+    dropped_spans: dict[str, int] = {}  # spans left out of kept captions (e.g. ending beyond data.max_length)
     try:
         for step_idx, micro in enumerate(batches, start=start + 1):
-            groups = [collate_groups(mb, cfg.method.name, pad_id) for mb in micro]
-            samples_since += sum(len(v) for mb in micro for v in mb.values())
-            tokens_since += sum(len(s.input_ids) for mb in micro for v in mb.values() for s in v)
+            micro = [sequences(mb) for mb in micro]
+            for seq in (s for mb in micro for s in mb):
+                for reason, n in (seq.dropped or {}).items():
+                    if reason not in dropped_spans:
+                        log.warning("spans left out of captions: %s (counted in summary.json dropped_spans)", reason)
+                    dropped_spans[reason] = dropped_spans.get(reason, 0) + n
+            samples_since += sum(len(mb) for mb in micro)
+            tokens_since += sum(len(s.input_ids) for mb in micro for s in mb)
             lr = rt.space.lr
-            metrics = step_fn(groups)
+            metrics = step_fn(micro)
             logger.advance()
             if step_idx % cfg.logging.log_every == 0 or step_idx == total:
                 # The logging interval: the only place the loop waits for the device.
@@ -392,7 +425,7 @@ def train(cfg: TrainConfig) -> Path:
                 world = info.world_size
                 last = logger.log(step_idx, {
                     **metrics, "train/lr": lr, "perf/step_time_s": elapsed / n,
-                    "perf/samples_per_s": world * samples_since / elapsed,
+                    "perf/samples_per_s": world * samples_since / elapsed,  # sequences forwarded (a caption, packed)
                     "perf/tokens_per_s": world * tokens_since / elapsed,
                     **{f"perf/phase/{k}": v / n for k, v in phases.items()},
                     "perf/peak_mem_gb": peak_memory_gb(rt.device),
@@ -423,6 +456,7 @@ def train(cfg: TrainConfig) -> Path:
             (run_dir / "summary.json").write_text(json.dumps({
                 "status": status, "steps": total, "method": cfg.method.name, "world_size": info.world_size,
                 "peak_memory_gb": peak_memory_gb(rt.device), "last_metrics": last,
+                "dropped_spans_rank0": dropped_spans,
             }, indent=1))
     if use_ds and cfg.output.save_final:
         save_checkpoint(rt, run_dir, total)

@@ -41,17 +41,23 @@ def _by_device(*lists):
 
 
 class _ZeroSpace(ParameterSpace):
+    lockstep = True  # parameters are gathered (ZeRO-3) or gradients reduced inside the passes
+
     def __init__(self, engine):
         self.engine = engine
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # DeepSpeed averages gradients over the data-parallel ranks; the step's losses are normalised
+        # by the step's global span counts, so the sum over ranks is wanted.
+        self.grad_sum_scale = float(self.world_size)
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the DeepSpeed engine has no trainable parameters")
         self._perturbed = False
 
-    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True, retain_graph: bool = False) -> None:
         # ZeRO-3 reduces every backward into the partitions and adds them up until
         # optimizer.zero_grad(), so the flag is not needed there.
-        self.engine.backward(loss)
+        self.engine.backward(loss, retain_graph=retain_graph)
 
     def zero_grad(self) -> None:
         # engine.zero_grad() only drops param.grad; the ZeRO optimizer's zero_grad also resets
@@ -88,6 +94,28 @@ class Zero3ParameterSpace(_ZeroSpace):
                                    f"{master.numel()}); this DeepSpeed version is not supported by sare_ds")
             if master.data_ptr() == p.ds_tensor.data_ptr():
                 raise RuntimeError("the fp32 master partition aliases the weights; exact restore is impossible")
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        # optimizer.zero_grad() drops param.grad and resets micro_step_id, so the next backward
+        # *copies* into the fp32 grad partition of every parameter it reduces; a parameter that
+        # backward does not reach is never reduced, and its partition (what safe_get_local_grad
+        # returns, and what step() flattens) would keep the previous pass's gradient and leak
+        # into ||g||, eps* and the update. The partitions are views of one flat buffer
+        # (`grad_partitions_flat_buffer`): one memset clears them all, padding included, so an
+        # unreached parameter counts as a zero gradient, as in PlainParameterSpace. No stream
+        # sync is needed: the backward epilogue waits for the reduce stream, and the next
+        # reduction waits for the current stream.
+        super().zero_grad()
+        opt = self.engine.optimizer
+        opt.grad_partitions_flat_buffer.zero_()
+        if getattr(opt, "offload_optimizer", False):
+            # With optimizer offload the fp32 gradients the optimizer (and safe_get_local_grad)
+            # reads are a separate per-sub-group buffer, written at accumulation boundaries for
+            # reduced parameters only. NVMe-swapped sub-groups keep theirs on disk (not cleared).
+            for i, flat in enumerate(opt.fp32_partitioned_groups_flat):
+                if flat.grad is not None and not opt._swappable_optimizer_subgroup(i):
+                    flat.grad.zero_()
 
     def _weights(self) -> list[torch.Tensor]:
         return [p.ds_tensor.data for p in self.params]
@@ -128,12 +156,12 @@ class Zero3ParameterSpace(_ZeroSpace):
 
 
 class Zero2ParameterSpace(_ZeroSpace):
-    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True, retain_graph: bool = False) -> None:
         # ZeRO-2 reduces at accumulation boundaries only, overwriting the reduced partitions; the
         # backwards in between accumulate locally. Marking only the last backward before a read
         # as a boundary makes lambda1 g_neg(theta + eps*) and g_cap(theta) one reduced sum.
         self.engine.set_gradient_accumulation_boundary(boundary)
-        self.engine.backward(loss)
+        self.engine.backward(loss, retain_graph=retain_graph)
 
     def __init__(self, engine):
         super().__init__(engine)
@@ -143,6 +171,39 @@ class Zero2ParameterSpace(_ZeroSpace):
             self._offsets.append(total)
             total += p.numel()
         self._total = total
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        # optimizer.zero_grad() drops param.grad / grad_accum only. Three other places carry a
+        # gradient past it into the next read (get_lp_grad_fragment), so they are cleared here:
+        #  - `all_grad_tensors`: what backwards before a boundary added up; a backward with
+        #    boundary=False whose sum is abandoned (zero_grad before any boundary) would be added
+        #    to the next boundary's gradient. Dropping it is what DeepSpeed does at a boundary.
+        #  - `averaged_gradients`: the reduced fragments read until the next boundary rebuilds
+        #    them; with an fp32 grad_accum_dtype under bf16/fp16 it is one flat buffer that every
+        #    reduction adds to, never reset before step(), so two passes would add up. Zeroed in
+        #    place (a memset, no allocation) so that after zero_grad the gradient reads as zero.
+        #  - with optimizer offload, the fp32 gradient partition (written at boundaries for the
+        #    parameters reduced then: an unreached one keeps the old value) and the CPU buffers
+        #    backwards accumulate into while micro_step_id > 0 (reset by step() only).
+        super().zero_grad()
+        opt = self.engine.optimizer
+        for grads in opt.averaged_gradients.values():
+            if grads is None:
+                continue
+            flat = getattr(grads, "flat_partition", None)
+            if flat is not None:
+                flat.zero_()
+            elif len(grads):
+                torch._foreach_zero_(list(grads))
+        for i in list(opt.all_grad_tensors):
+            opt.all_grad_tensors[i] = None
+        if getattr(opt, "cpu_offload", False):
+            for master in opt.single_partition_of_fp32_groups:
+                if master.grad is not None:
+                    master.grad.zero_()
+            for buf in opt.accumulated_grads_in_cpu.values():
+                buf.zero_()
 
     def _fragments(self):
         """(param, its offset in the flat buffer, its fragment mapping) for the fragments this rank owns."""
