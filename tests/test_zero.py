@@ -152,6 +152,20 @@ def test_zero2_equals_zero3(sare_zero3, tiny_model_dir, tmp_path):
     assert_same_run(sare_zero3, tmp_path)
 
 
+@pytest.mark.parametrize("persistence", [0, 100000])
+def test_hpz_sare_equals_zero3(sare_zero3, tiny_model_dir, tmp_path, persistence):
+    """ZeRO++ hierarchical partitioning: forwards gather from a secondary partition that DeepSpeed renews
+    only at the optimizer step, so SARE must make the perturbed forward read theta + eps* (all weights
+    partitioned: persistence 0; the tiny projector persistent: 1e5)."""
+    ds = json.loads((ROOT / "ds_configs/zero3_cpu_fp32.json").read_text())
+    ds["zero_optimization"].update({"zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": persistence})
+    path = tmp_path / "zero3_hpz.json"
+    path.write_text(json.dumps(ds))
+    run_dir = tmp_path / "run"
+    launch("deepspeed", common(tiny_model_dir, run_dir, f"distributed.ds_config={path}", "output.export_hf=false"))
+    assert_same_run(sare_zero3, run_dir)
+
+
 def test_resume_equals_uninterrupted(sare_zero3, tiny_model_dir, tmp_path):
     # Interrupted after step 2 (its last checkpoint), then continued to step 4.
     launch("torchrun", common(tiny_model_dir, tmp_path, Z3, "optim.max_steps=2", "output.export_hf=false"))

@@ -127,6 +127,17 @@ class Zero3ParameterSpace(_ZeroSpace):
         grads = [self._get_grad(p) for p in self.params]
         return kernels.sum_of_squares(grads).to(grads[0].device)
 
+    def _drop_secondary(self) -> None:
+        # ZeRO++ hpZ (zero_hpz_partition_size): a forward gathers from the node-local secondary
+        # partition whenever one exists, and DeepSpeed renews it from the weights only at the
+        # optimizer step. Dropping the trainable parameters' secondaries after writing ds_tensor
+        # makes the next gather read the primary partition, i.e. theta + eps* (or theta): without
+        # it the perturbed forward saw none of eps* on partitioned weights (docs/performance.md).
+        # The optimizer step builds them again.
+        for p in self.params:
+            if getattr(p, "ds_secondary_tensor", None) is not None:
+                p.ds_secondary_tensor = None
+
     def _refresh_persistent(self) -> None:
         # Persistent params keep a full gathered copy that does not follow ds_tensor: drop it
         # and gather it again from the (edited) partitions.
@@ -143,6 +154,7 @@ class Zero3ParameterSpace(_ZeroSpace):
         for weights, masters, gs in _by_device(self._weights(), self._masters(), grads):
             dev = weights[0].device
             kernels.perturb_(weights, [m.to(dev) for m in masters], [g.to(dev) for g in gs], scale.to(dev))
+        self._drop_secondary()
         self._refresh_persistent()
 
     @torch.no_grad()
@@ -151,6 +163,7 @@ class Zero3ParameterSpace(_ZeroSpace):
             return
         for weights, masters in _by_device(self._weights(), self._masters()):
             kernels.restore_(weights, [m.to(weights[0].device) for m in masters])
+        self._drop_secondary()
         self._refresh_persistent()
         self._perturbed = False
 
