@@ -7,7 +7,8 @@
 (docs/method.md sections 3-4; L_neg = -NLL.) A method is data: `at_theta` are the losses whose
 gradient is taken at theta, `sharp` the losses taken at the perturbed weights, with the direction
 of eps* from their own gradient at theta. The step (sare_ds/train/step.py) runs any method from
-this table; the config, the data composer, the ds_config's batch size and the docs read it too.
+this table; the config's list of methods and the per-kind data composer (which kinds a step
+draws) read it too.
 """
 from __future__ import annotations
 
@@ -41,11 +42,6 @@ class Method:
     def weights(self, part: dict[str, Coefficient], method_cfg) -> dict[str, float]:
         """{kind: float} of `part` (at_theta or sharp) with the config's lambdas filled in."""
         return {k: float(getattr(method_cfg, c) if isinstance(c, str) else c) for k, c in part.items()}
-
-    def passes_per_step(self) -> int:
-        """Forward+backward passes over the data per step with separate passes (ZeRO): one at theta,
-        plus the ascent direction and the perturbed pass for a sharpness-aware method."""
-        return 1 + 2 * self.sharpness_aware
 
 
 FT = Method("ft", "fine-tuning on the grounded spans (capability losses only)", at_theta={"pos": 1.0, "sent": "lambda2"})

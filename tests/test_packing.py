@@ -293,3 +293,19 @@ def test_llama_layout_tokenizer_packed_equals_cut_but_at_boundary_tokens():
         compared += 1
     # This vocabulary has no piece joining a word with the delimiter after it: no boundary token here.
     assert boundary == 0 and compared == len(spans)
+
+
+def test_boundary_rule_a_token_reaching_past_the_span_belongs_to_it(adapter, captions):
+    """A span ending inside a token: packed, the whole token is labelled (the token the model wrote);
+    the per-sample cut tokenises the cut text and ends on another token there. Only that last token
+    differs."""
+    text = "A dog, a cat."
+    span = Span(0, 4, "pos", "dog")  # "A do": ends inside "dog"
+    c = Caption(captions[0].image, PROMPT, text, [span])
+    [packed] = tokenize_caption(c, adapter, 512)
+    cut = tokenize_sample(c.unpack()[0], adapter, 512)
+    got = packed.input_ids[packed.labels != IGNORE_INDEX].tolist()
+    want = cut.input_ids[cut.labels != IGNORE_INDEX].tolist()
+    assert got != want and got[:-1] == want[:len(got) - 1]
+    assert adapter.tokenizer.decode(got).strip().endswith("dog")
+    assert packed.weights[KIND_INDEX["pos"]].sum().item() == pytest.approx(1.0)

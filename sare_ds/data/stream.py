@@ -252,8 +252,8 @@ class ShardStream:
                     "from per-kind shards")
         return (f"per_step asks for {wrong}, but the shard source {shards!r} is in the old per-kind 'samples' "
                 "format (pos/neg/sent-*.tar, one record per sample), which has no caption records. Fix: convert "
-                "it with `python launch/curate.py convert OLD_DIR NEW_DIR` and train from NEW_DIR, or set "
-                "data.packing=false to train on the per-kind shards as they are")
+                "it with `python launch/curate.py convert OLD_DIR NEW_DIR` and train from NEW_DIR, or ask per_step "
+                "for pos/neg/sent (the trainer does so by itself for per-kind shards, whatever data.packing is)")
 
     def _counts(self, urls: list[str]) -> dict[str, int]:
         local = [u for u in urls if not is_remote(u)]

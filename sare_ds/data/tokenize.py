@@ -354,6 +354,11 @@ def empty_pass_batch(items: list[TokenizedCaption], pad_token_id: int) -> dict[s
     every rank runs the same passes and collectives (ZeRO-3 gathers parameters inside each forward)."""
     it = items[0]
     batch = collate_captions([it], pad_token_id, KINDS, trim=True)
+    # Cut after the first weighted token (image and prompt kept: every module runs, so every
+    # parameter is gathered): the stand-in is never longer than the passes it stands beside.
+    first = int(batch["keep"][0]) + 2
+    for key in ("input_ids", "attention_mask"):
+        batch[key] = batch[key][:, :first]
     batch["weights"] = torch.zeros_like(batch["weights"][:, :, :1])
     batch["targets"] = torch.full_like(batch["targets"][:, :1], IGNORE_INDEX)
     batch["keep"] = batch["keep"][:1]

@@ -7,7 +7,7 @@ them in. A JSON that states a value explicitly must agree, or this raises naming
 Why DeepSpeed's `gradient_accumulation_steps` is always 1: a SARE step runs three backward
 passes per micro-batch (neg at theta, neg at theta + eps*, capability at theta), so
 DeepSpeed's own micro-step counting cannot describe it. sare_ds accumulates its
-`optim.grad_accum_steps` micro-batches itself (dividing each loss by their number) and calls
+`optim.grad_accum_steps` micro-batches itself (each loss divided by the step's span counts) and calls
 `engine.step()` once per optimizer step; every `engine.backward` is then a reduction
 boundary, and ZeRO adds the reduced gradient partitions across backwards until
 `optimizer.zero_grad()`.
@@ -56,7 +56,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         )
 
     micro = samples_per_micro_batch(cfg)
-    _fill(ds, "train_micro_batch_size_per_gpu", micro, "data.pos/neg/sent_per_step (samples per micro-batch)", path)
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "data.captions_per_step (captions per micro-batch)", path)
     if ds.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
         raise ConfigError(
             f"{path}: gradient_accumulation_steps = {ds['gradient_accumulation_steps']!r}; sare_ds accumulates "

@@ -3,7 +3,8 @@
 Training (packed or not) uses `span_sums`: the logits of the labelled positions only
 (`collate_captions`'s `keep`), one fp32 cross-entropy over them, and per kind the weighted sum
 that `UnlearningStep` divides by the step's span count (pooled means). `per_sample_nll` and
-`kind_losses` are the per-sample forms (full logits), kept for evaluation and as references.
+`kind_losses` are the per-sample forms (full logits): the sharpness probe (eval/probe.py) and
+evaluation's perplexity use them, and tests use them as references.
 
     L_pos  = mean NLL over pos samples       (keep grounded text likely)
     L_neg  = - mean NLL over neg samples     (gradient ascent on hallucinated spans)
@@ -19,9 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sare_ds.data.samples import KIND_INDEX
-from sare_ds.data.tokenize import IGNORE_INDEX
-
-EFUF_NEG_SCORE_CEILING = 55.0
+from sare_ds.data.tokenize import EFUF_NEG_SCORE_CEILING, IGNORE_INDEX
 
 
 def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,9 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 def flatten(micro_batch) -> MicroBatch:
-    """A micro-batch as a list of sequences (the per-kind stream gives {kind: [items]})."""
+    """A micro-batch as a list of sequences; a {kind: [sequences]} dict (StepComposer over sequences,
+    as fine_tune_attack and the tests build them) is flattened. The trainer flattens the stream's
+    {kind: [lists of sequences]} itself (trainer.sequences)."""
     if isinstance(micro_batch, dict):
         return [it for kind in KINDS for it in micro_batch.get(kind, [])]
     return list(micro_batch)
@@ -171,7 +173,8 @@ class UnlearningStep:
         """L_k of the step. Each rank holds its share of the pooled mean; scaled by the world size, the
         mean over ranks (the logging all-reduce) is the pooled mean itself."""
         world = self.space.world_size
-        return {k: KIND_SIGN[k] * sums[KIND_INDEX[k]] / counts[KIND_INDEX[k]].clamp_min(1.0) * world for k in kinds}
+        return {k: KIND_SIGN[k] * sums[KIND_INDEX[k]] / counts[KIND_INDEX[k]].clamp_min(1.0) * world
+                for k in kinds if not isinstance(kinds, dict) or kinds[k] != 0}  # a kind with weight 0 is not forwarded
 
     # -- the step ------------------------------------------------------------------------
     def __call__(self, micro_batches) -> dict[str, torch.Tensor]:
@@ -229,4 +232,5 @@ class UnlearningStep:
 
     def _describe(self) -> str:
         parts = ", ".join(f"loss/{k}={float(v):.4g}" for k, v in self._last_losses.items())
-        return f"at step losses ({parts})" if parts else ""
+        # Each rank's share of the pooled means (x world size): a rank without spans of a kind shows 0.
+        return f"at step losses of this rank's spans ({parts})" if parts else ""

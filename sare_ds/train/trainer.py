@@ -27,7 +27,6 @@ from sare_ds.config import ConfigError, TrainConfig, save_config
 from sare_ds.data.samples import BadSampleError, Caption, skip_report
 from sare_ds.data.steps import CAPTIONS, StepComposer, per_step_counts
 from sare_ds.data.tokenize import TYPICAL_CAPTION_TOKENS, fixed_sample_tokens, tokenize_caption
-from sare_ds.methods import get_method
 from sare_ds.dist import DistInfo, barrier, broadcast_object, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
 from sare_ds.train.logging import MetricLogger
@@ -95,12 +94,14 @@ class CaptionTokenizer:
 
     def __init__(self, adapter, cfg: TrainConfig):
         self.adapter, self.max_length, self.packing = adapter, cfg.data.max_length, cfg.data.packing
-        self.kinds = get_method(cfg.method.name).kinds
         self.score_weighting = cfg.method.score_weighting
 
     def __call__(self, item):
+        # Every kind is tokenised, whatever the method reads: the step's passes pick the method's kinds
+        # (a caption with nothing for a method is never forwarded). Refusing such captions here would
+        # make the stream's epoch and its resume position count different things.
         caption = item if isinstance(item, Caption) else Caption.from_sample(item)
-        return tokenize_caption(caption, self.adapter, self.max_length, packing=self.packing, kinds=self.kinds,
+        return tokenize_caption(caption, self.adapter, self.max_length, packing=self.packing,
                                 score_weighting=self.score_weighting)
 
 
@@ -409,7 +410,8 @@ def train(cfg: TrainConfig) -> Path:
             for seq in (s for mb in micro for s in mb):
                 for reason, n in (seq.dropped or {}).items():
                     if reason not in dropped_spans:
-                        log.warning("spans left out of captions: %s (counted in summary.json dropped_spans)", reason)
+                        log.warning("spans left out of captions: %s (counted in summary.json dropped_spans_rank0)",
+                                    reason)
                     dropped_spans[reason] = dropped_spans.get(reason, 0) + n
             samples_since += sum(len(mb) for mb in micro)
             tokens_since += sum(len(s.input_ids) for mb in micro for s in mb)

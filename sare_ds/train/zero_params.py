@@ -45,7 +45,8 @@ class _ZeroSpace(ParameterSpace):
 
     def __init__(self, engine):
         self.engine = engine
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # The data-parallel ranks (all ranks: sare_ds runs no other parallelism).
+        self.world_size = int(getattr(engine, "dp_world_size", dist.get_world_size() if dist.is_initialized() else 1))
         # DeepSpeed averages gradients over the data-parallel ranks; the step's losses are normalised
         # by the step's global span counts, so the sum over ranks is wanted.
         self.grad_sum_scale = float(self.world_size)
