@@ -460,7 +460,7 @@ def test_format_mismatch_names_source_format_and_fix(caption_shards, shards):
     cap_root, _ = caption_shards
     old_root, _ = shards
     with pytest.raises(ShardFormatError, match=r"asks for \['cap'\].*" + str(old_root) + r".*'samples' format.*"
-                                               r"launch/curate.py convert OLD_DIR NEW_DIR.*data.packing=false"):
+                                               r"launch/curate.py convert OLD_DIR NEW_DIR.*per_step for pos/neg/sent"):
         ShardStream(old_root, per_step={"cap": 2}, tokenize=cap_ident)
     with pytest.raises(ShardFormatError, match=r"asks for \['neg', 'pos'\].*" + str(cap_root) + r".*'captions' "
                                                r"format.*per_step=\{'cap': n\}"):
