@@ -1065,7 +1065,10 @@ def run(args, log=print, command: str = "") -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.zero3_worker:
+        from sare_ds.dist import shutdown
+
         zero3_worker(args)
+        shutdown()  # destroys the process group and releases DeepSpeed's CPU shared memory
         return
     t0 = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -86,6 +86,23 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(keys, stacked.unbind()))
 
 
+def release_deepspeed_shm(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer, if it made one.
+
+    DeepSpeed's CPU communication op (DS_ACCELERATOR=cpu, all ranks on one host) creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (tens of MB) and never
+    unlinks it (DeepSpeed 0.19, csrc/cpu/comm/shm.cpp): every CPU run left one per rank behind, and
+    /dev/shm is memory (a session of test runs had 20 GB there and the next run was OOM-killed).
+    Called once every rank is past the last collective (mappings stay valid until the processes exit).
+    """
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+
+
 def shutdown() -> None:
     """Tear the process group down explicitly before the interpreter exits.
 
@@ -97,7 +114,9 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         barrier()
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        release_deepspeed_shm(rank)
 
 
 def exit_process(code: int) -> None:
@@ -117,6 +136,7 @@ def exit_process(code: int) -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+    release_deepspeed_shm(launcher_rank())  # also on error exits (shutdown() did it on success)
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         if code == 0:

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import sare_ds  # noqa: E402,F401
 from sare_ds.config import load_config  # noqa: E402
-from sare_ds.dist import init_distributed  # noqa: E402
+from sare_ds.dist import init_distributed, shutdown  # noqa: E402
 from sare_ds.models import load_mllm, select_trainable  # noqa: E402
 from sare_ds.train.ds_config import build_ds_config  # noqa: E402
 from sare_ds.train.step import UnlearningStep  # noqa: E402
@@ -100,6 +100,7 @@ def main() -> None:
     info = init_distributed("gloo")
     results = [run(model_dir, t, info) for t in (1e5, 0)]
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps(results))
+    shutdown()  # releases DeepSpeed's CPU shared-memory buffer (sare_ds.dist.release_deepspeed_shm)
 
 
 if __name__ == "__main__":
