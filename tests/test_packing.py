@@ -309,3 +309,14 @@ def test_boundary_rule_a_token_reaching_past_the_span_belongs_to_it(adapter, cap
     assert got != want and got[:-1] == want[:len(got) - 1]
     assert adapter.tokenizer.decode(got).strip().endswith("dog")
     assert packed.weights[KIND_INDEX["pos"]].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("space_cls", [PlainParameterSpace, SeparatePasses])
+def test_lambda1_zero_still_reports_the_neg_loss_and_gap(tiny_model_dir, captions, space_cls):
+    """lambda1 = 0 weighs the perturbed pass out of the update, but L_neg and the sharpness gap are
+    still measured (the probe of the method), and the update is the capability gradient's."""
+    caps = captions[:4]
+    ft, _, _ = run_step(tiny_model_dir, caps, "ft", split=(2, 2))
+    got, m, _ = run_step(tiny_model_dir, caps, "sare", split=(2, 2), lambda1=0.0, space_cls=space_cls)
+    assert {"loss/neg", "sam/sharpness_gap"} <= set(m) and m["loss/neg"] < 0
+    assert close(got, ft)

@@ -200,7 +200,7 @@ class UnlearningStep:
             else:
                 with t("neg_at_theta"):                                                # 1. g
                     sums = self._pass(micro, unit, counts)
-            at_theta_sharp = self._losses(sums, counts, sharp)
+            at_theta_sharp = self._losses(sums, counts, unit)
             with t("grad_norm"):                                                       # 2. ||g||
                 grad_norm = self.space.direction_norm()
                 scale = self.cfg.rho / grad_norm.clamp_min(_TINY_NORM)                #    eps* = scale * g
@@ -217,7 +217,7 @@ class UnlearningStep:
             if not self.space.separate_direction:
                 with t("capability"):                                                  # 5. g_cap adds to it
                     metrics.update(self._losses(self._pass(micro, at_theta, counts), counts, at_theta))
-            at_eps = self._losses(sums_eps, counts, sharp)
+            at_eps = self._losses(sums_eps, counts, unit)
             metrics.update(at_theta_sharp)
             metrics.update({
                 "sam/grad_norm_neg": grad_norm,
