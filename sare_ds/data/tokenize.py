@@ -55,31 +55,53 @@ def needs_bos(tokenizer, ids: list[int]) -> bool:
     return bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos)
 
 
-def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample:
-    sample.check()
+def _fast_tokenizer(adapter):
     tokenizer = adapter.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise BadSampleError(
             f"{adapter.source}: span labels need a fast tokenizer (character offsets); "
-            "fix: ship tokenizer.json with the checkpoint or load it with use_fast=True"
-        )
-    response = sample.context + sample.target
-    text = adapter.render(adapter.conversation(sample.prompt, response), add_generation_prompt=False)
+            "fix: ship tokenizer.json with the checkpoint or load it with use_fast=True")
+    return tokenizer
+
+
+def _render_response(adapter, prompt: str, response: str, where: str, what: str):
+    """The conversation (user: image + prompt; assistant: response) rendered with the chat template, cut
+    right after the response (end-of-turn strings carry no loss) and tokenised with character offsets
+    (BOS in front where the tokenizer adds one). Returns (text, response start, ids, offsets)."""
+    tokenizer = _fast_tokenizer(adapter)
+    text = adapter.render(adapter.conversation(prompt, response), add_generation_prompt=False)
     start = text.rfind(response)
     if start < 0:
         raise BadSampleError(
-            f"sample (image {sample.image_id}): the chat template altered the response text, so the target "
-            "span cannot be located; fix: strip template control strings from the caption"
-        )
-    t_begin, t_end = start + len(sample.context), start + len(response)
-    text = text[:t_end]
-
+            f"{where}: the chat template altered the response text, so the {what} cannot be located; fix: "
+            "strip template control strings from the caption")
+    text = text[:start + len(response)]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = list(enc["offset_mapping"])
     if needs_bos(tokenizer, ids):
         ids.insert(0, tokenizer.bos_token_id)
         offsets.insert(0, (0, 0))
+    return text, start, ids, offsets
+
+
+def _image_position(ids: list[int], adapter, where: str) -> int:
+    """Index of the one image placeholder in `ids` (the processor expands it to the image's positions)."""
+    n_placeholders = ids.count(adapter.image_token_id)
+    if n_placeholders != 1:
+        raise BadSampleError(
+            f"{where}: expected one image placeholder in the rendered prompt, found {n_placeholders}; fix: remove "
+            "image tokens from prompt/caption text")
+    return ids.index(adapter.image_token_id)
+
+
+def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample:
+    sample.check()
+    tokenizer = adapter.tokenizer
+    response = sample.context + sample.target
+    where = f"sample (image {sample.image_id})"
+    _, start, ids, offsets = _render_response(adapter, sample.prompt, response, where, "target span")
+    t_begin, t_end = start + len(sample.context), start + len(response)
     labels = [tid if (e > t_begin and s < t_end) else IGNORE_INDEX for tid, (s, e) in zip(ids, offsets)]
     if sample.kind == "sent":
         ids.append(tokenizer.eos_token_id)
@@ -87,13 +109,7 @@ def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample
 
     image = adapter.image_inputs(sample.image)
     image_token_id = adapter.image_token_id
-    n_placeholders = ids.count(image_token_id)
-    if n_placeholders != 1:
-        raise BadSampleError(
-            f"sample (image {sample.image_id}): expected one image placeholder in the rendered prompt, found "
-            f"{n_placeholders}; fix: remove image tokens from prompt/caption text"
-        )
-    pos = ids.index(image_token_id)
+    pos = _image_position(ids, adapter, where)
     n = image.num_image_tokens
     ids = ids[:pos] + [image_token_id] * n + ids[pos + 1:]
     labels = labels[:pos] + [IGNORE_INDEX] * n + labels[pos + 1:]
@@ -199,15 +215,6 @@ class TokenizedCaption:
         return int(hit[-1]) if len(hit) else -1
 
 
-def _fast_tokenizer(adapter):
-    tokenizer = adapter.tokenizer
-    if not getattr(tokenizer, "is_fast", False):
-        raise BadSampleError(
-            f"{adapter.source}: span labels need a fast tokenizer (character offsets); "
-            "fix: ship tokenizer.json with the checkpoint or load it with use_fast=True")
-    return tokenizer
-
-
 def tokenize_caption(caption: Caption, adapter, max_length: int, *, packing: bool = True,
                      kinds: tuple[str, ...] = KINDS, score_weighting: bool = False) -> list[TokenizedCaption]:
     """The sequences one caption is trained on: one (packed) or one per span and sent (packing=False).
@@ -235,26 +242,15 @@ def tokenize_caption(caption: Caption, adapter, max_length: int, *, packing: boo
             out[0].dropped = {**(out[0].dropped or {}), **skipped}
         return out
 
-    tokenizer = _fast_tokenizer(adapter)
+    tokenizer = adapter.tokenizer
     spans = [s for s in caption.spans if s.kind in kinds]
     sent = caption.sent and "sent" in kinds
     if not spans and not sent:
         raise BadSampleError(f"caption (image {caption.image_id}): no span of the kinds this method trains ({kinds})",
                              reason=f"no span of kinds {'/'.join(kinds)}")
     response = caption.caption
-    text = adapter.render(adapter.conversation(caption.prompt, response), add_generation_prompt=False)
-    start = text.rfind(response)
-    if start < 0:
-        raise BadSampleError(
-            f"caption (image {caption.image_id}): the chat template altered the response text, so the spans "
-            "cannot be located; fix: strip template control strings from the caption")
-    text = text[:start + len(response)]  # what follows the response (end-of-turn strings) carries no loss
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets = list(enc["offset_mapping"])
-    if needs_bos(tokenizer, ids):
-        ids.insert(0, tokenizer.bos_token_id)
-        offsets.insert(0, (0, 0))
+    where = f"caption (image {caption.image_id})"
+    text, start, ids, offsets = _render_response(adapter, caption.prompt, response, where, "spans")
 
     def covering(lo: int, hi: int) -> list[int]:
         return [t for t, (a, b) in enumerate(offsets) if b > lo and a < hi]
@@ -272,12 +268,7 @@ def tokenize_caption(caption: Caption, adapter, max_length: int, *, packing: boo
 
     image = adapter.image_inputs(caption.image)
     image_token_id = adapter.image_token_id
-    n_placeholders = ids.count(image_token_id)
-    if n_placeholders != 1:
-        raise BadSampleError(
-            f"caption (image {caption.image_id}): expected one image placeholder in the rendered prompt, found "
-            f"{n_placeholders}; fix: remove image tokens from prompt/caption text")
-    pos = ids.index(image_token_id)
+    pos = _image_position(ids, adapter, where)
     n_image = image.num_image_tokens
     shift = n_image - 1
     ids = ids[:pos] + [image_token_id] * n_image + ids[pos + 1:]
