@@ -242,23 +242,26 @@ def schedule(tokenized, captions_per_step: int, micro_captions: int):
 # ------------------------------------------------------------------------------ counting
 
 class ForwardCounter:
-    """Counts what the model forwards: calls, positions (padding included), real tokens, head positions."""
+    """Counts what the model forwards: calls, positions (padding included), real tokens, and the positions
+    the LM head computes logits for (recomputations in the backward included)."""
 
     def __init__(self):
         self.reset()
-        self.handle = None
 
     @contextmanager
     def attached(self, model, reset: bool = True):
         """Count the forwards of `model` inside the block (counters reset on entry unless reset=False)."""
         if reset:
             self.reset()
-        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        # The LM head's own calls: the positions it computes logits for (in the model's forward, in the
+        # chunked head's forward and again in its recomputation during each backward).
+        handles = [model.register_forward_pre_hook(self._hook, with_kwargs=True),
+                   model.get_output_embeddings().register_forward_pre_hook(self._head_hook)]
         try:
             yield self
         finally:
-            self.handle.remove()
-            self.handle = None
+            for h in handles:
+                h.remove()
 
     def reset(self):
         self.forwards = self.positions = self.real = self.head = 0
@@ -268,14 +271,13 @@ class ForwardCounter:
         if ids is None:
             return
         mask = kwargs.get("attention_mask")
-        keep = kwargs.get("logits_to_keep")
         self.forwards += 1
         self.positions += ids.numel()
         self.real += int(mask.sum()) if mask is not None else ids.numel()
-        if isinstance(keep, torch.Tensor):
-            self.head += ids.shape[0] * keep.numel()
-        else:
-            self.head += ids.numel()
+
+    def _head_hook(self, module, args):
+        hidden = args[0]
+        self.head += hidden.numel() // hidden.shape[-1]
 
     def read(self) -> dict[str, int]:
         return {"forwards": self.forwards, "positions": self.positions, "real": self.real, "head": self.head}
@@ -327,12 +329,13 @@ def profiled_peak_bytes(fn) -> int:
     return int(max(e["args"]["Total Allocated"] for e in mem) - base)
 
 
-def loss_path_memory(adapter, seq) -> dict:
+def loss_path_memory(adapter, seq, chunks: int = 8) -> dict:
     """Peak bytes of the loss path of one sequence (from its final hidden states: LM head, NLL, backward
-    to the hidden states) with the full-vocabulary per-sample NLL and with the labelled-only head."""
+    to the hidden states) with the full-vocabulary per-sample NLL (the old path), the labelled-only head
+    in one piece, and the labelled-only head in `chunks` chunks (what training runs)."""
     from sare_ds.data.samples import KINDS
     from sare_ds.data.tokenize import collate_captions
-    from sare_ds.train.losses import per_sample_nll, span_sums
+    from sare_ds.train.losses import chunked_span_sums, per_sample_nll, span_sums
 
     head = adapter.model.get_output_embeddings()
     vocab, hidden = head.weight.shape
@@ -350,12 +353,18 @@ def loss_path_memory(adapter, seq) -> dict:
         h = h0.clone().requires_grad_()
         span_sums(head(h[:, batch["keep"]]), batch["targets"], batch["weights"]).sum().backward()
 
+    def chunked():
+        h = h0.clone().requires_grad_()
+        chunked_span_sums(head, h[:, batch["keep"]], batch["targets"], batch["weights"], chunks).sum().backward()
+
     k = int(batch["keep"].numel())
     esize = torch.finfo(torch.float32).bits // 8
     out = {"positions": t, "labelled": k, "vocab": vocab,
            "full_logits_bytes": t * vocab * esize, "kept_logits_bytes": k * vocab * esize,
-           "full_peak_bytes": profiled_peak_bytes(full), "kept_peak_bytes": profiled_peak_bytes(kept)}
+           "full_peak_bytes": profiled_peak_bytes(full), "kept_peak_bytes": profiled_peak_bytes(kept),
+           "chunks": chunks, "chunked_peak_bytes": profiled_peak_bytes(chunked)}
     out["peak_ratio"] = out["kept_peak_bytes"] / max(1, out["full_peak_bytes"])
+    out["chunked_peak_ratio"] = out["chunked_peak_bytes"] / max(1, out["full_peak_bytes"])
     return out
 
 
@@ -388,7 +397,7 @@ class Runner:
         self.step = UnlearningStep(adapter.model, adapter.forward_inputs, PlainParameterSpace(params, optimizer),
                                    MethodConfig(name=cfg.method), device=torch.device("cpu"), dtype=torch.float32,
                                    pad_token_id=adapter.tokenizer.pad_token_id, timer=self.timer,
-                                   keep_logits=not cfg.full_head)
+                                   keep_logits=not cfg.full_head, head_chunks=args.head_chunks)
         tokenized, self.skipped = tokenize(captions, adapter, cfg.method, cfg.packing, args.max_length)
         self.steps = schedule(tokenized, args.captions_per_step, args.micro_captions)
         self.sequences = sum(len(s) for s in tokenized)
@@ -519,8 +528,10 @@ def run_timing(args, log) -> dict:
     log("loss-path memory (torch profiler) ...")
     sent_caption = synthetic_captions(1, args.words, args.objects, 0.0, image_size=args.image_size, seed=args.seed)
     whole = tokenize(sent_caption, adapter, "efuf", True, args.max_length)[0][0][0]
-    memory = {"packed_caption": loss_path_memory(adapter, first), "unpacked_sample": loss_path_memory(adapter, longest),
-              "packed_sent_caption": loss_path_memory(adapter, whole)}
+    chunks = args.head_chunks or 8
+    memory = {"packed_caption": loss_path_memory(adapter, first, chunks),
+              "unpacked_sample": loss_path_memory(adapter, longest, chunks),
+              "packed_sent_caption": loss_path_memory(adapter, whole, chunks)}
     memory["packed_kept/unpacked_full"] = memory["packed_caption"]["kept_peak_bytes"] / max(
         1, memory["unpacked_sample"]["full_peak_bytes"])
     return {"model": facts, "data": {"captions": args.captions, "words": args.words, "objects": args.objects,
@@ -625,8 +636,10 @@ class CommCounter:
 class PerturbationProbe:
     """What the trainable weights are in the first forward of SARE's passes (hooks on the modules that own
     them, after DeepSpeed gathered them): the perturbed pass must see theta + eps*, the capability pass
-    theta. `result` is ||w(neg_at_eps) - w(neg_at_theta)|| / eps_norm (1: the forward sees the whole
-    perturbation, 0: none of it) and ||w(capability) - w(neg_at_theta)|| (0: restored)."""
+    theta. `result` is ||w(neg_at_eps) - w(at theta)|| / eps_norm (1: the forward sees the whole
+    perturbation, 0: none of it) and, in the separate-pass schedule, ||w(capability) - w(neg_at_theta)||
+    (0: restored; the shared schedule has no forward after the restore, tests/zero_worker.py checks it
+    bitwise)."""
 
     def __init__(self, module, counter: CommCounter):
         self.counter, self.armed, self.seen = counter, False, {}
@@ -642,15 +655,16 @@ class PerturbationProbe:
                 slot[(id(mod), name)] = p.data.detach().float().clone()
 
     def result(self, metrics: dict) -> dict | None:
-        a, b, c = (self.seen.get(k) for k in ("neg_at_theta", "neg_at_eps", "capability"))
-        if not (a and b and c) or not metrics.get("sam/eps_norm"):
+        a = self.seen.get("neg_at_theta") or self.seen.get("theta")
+        b, c = self.seen.get("neg_at_eps"), self.seen.get("capability")
+        if not (a and b) or not metrics.get("sam/eps_norm"):
             return None
 
         def dist(x, y):
             return math.sqrt(sum(float((x[k] - y[k]).double().pow(2).sum()) for k in x if k in y))
 
         # Each rank sees its own gathered copy: the full perturbation over all trainable elements.
-        return {"eps_seen/eps_norm": dist(b, a) / float(metrics["sam/eps_norm"]), "restored_distance": dist(c, a),
+        return {"eps_seen/eps_norm": dist(b, a) / float(metrics["sam/eps_norm"]), "restored_distance": dist(c, a) if c else None,
                 "eps_norm": float(metrics["sam/eps_norm"])}
 
 
@@ -663,6 +677,9 @@ def _zero_variants(args, vector_threshold: int) -> list[dict]:
     variants = [
         {"name": "zero3", "file": z3, "zero": dict(base), "combos": combos,
          "about": "ds_configs/zero3_cpu_fp32.json; matrices partitioned, vectors persistent (as 7B at 1e5)"},
+        {"name": "zero3-separate", "file": z3, "zero": dict(base), "combos": [("efuf", True), ("sare", True)],
+         "overrides": ["distributed.zero3_shared_forward=false"],
+         "about": "SARE as three separate passes (no direction buffer; what ZeRO-3 ran before the shared forward)"},
         {"name": "zero3-reuse0", "file": z3, "zero": {**base, "stage3_max_reuse_distance": 0,
                                                       "stage3_prefetch_bucket_size": 0},
          "combos": [("efuf", True), ("sare", True)],
@@ -749,7 +766,8 @@ def zero3_worker(args) -> None:
         for method, packing in variant["combos"]:
             cfg = load_config(None, ["model.dtype=float32", f"distributed.ds_config={variant['file']}",
                                      f"method.name={method}", f"data.packing={str(packing).lower()}",
-                                     f"data.captions_per_step={per_rank}", "optim.clip_grad_norm=0.0"])
+                                     f"data.captions_per_step={per_rank}", "optim.clip_grad_norm=0.0",
+                                     *variant.get("overrides", [])])
             ds = build_ds_config(cfg, info.world_size, False)
             zero = dict(variant["zero"])
             if isinstance(zero.get("stage3_model_persistence_threshold"), str):  # a share of the model's parameters
@@ -768,7 +786,8 @@ def zero3_worker(args) -> None:
             rt = build_deepspeed(cfg, adapter.model, params, ds, info, steps_total)
             timer = CountingTimer(rt.device)
             step = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device,
-                                  dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id, timer=timer)
+                                  dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id, timer=timer,
+                                  head_chunks=args.head_chunks)
             module = rt.engine.module
             # Ahead of DeepSpeed's own hooks: its pre-forward hook already fetches (prefetches) weights.
             hooks = [module.register_forward_pre_hook(lambda *_: setattr(counter, "region", "forward"), prepend=True),
@@ -881,7 +900,7 @@ def run_zero3(args, log) -> dict:
 
 WORKER_OPTIONS = ("text_hidden", "text_layers", "text_intermediate", "vision_hidden", "vision_layers", "image_size",
                   "words", "objects", "neg_share", "captions_per_step", "max_length", "seed", "zero_warmup",
-                  "zero_steps")
+                  "zero_steps", "head_chunks")
 
 
 def _worker_argv(args) -> list[str]:
@@ -915,7 +934,8 @@ def table(result: dict) -> str:
             m = t["memory"][key]
             lines.append(f"loss path, {key:<19} T={m['positions']:4d} labelled={m['labelled']:4d}: full-vocab "
                          f"{m['full_peak_bytes'] / 2**20:7.1f} MiB, labelled-only {m['kept_peak_bytes'] / 2**20:6.1f} "
-                         f"MiB ({m['peak_ratio']:.3f})")
+                         f"MiB ({m['peak_ratio']:.3f}), in {m['chunks']} chunks (training) "
+                         f"{m['chunked_peak_bytes'] / 2**20:6.1f} MiB ({m['chunked_peak_ratio']:.3f})")
         lines.append(f"loss path, packed labelled-only / unpacked full-vocab: {t['memory']['packed_kept/unpacked_full']:.3f}")
     z = result.get("zero3")
     if z:
@@ -924,7 +944,9 @@ def table(result: dict) -> str:
                      f"{'of it hpZ':>9} {'reduced MiB/step':>16}  SARE's perturbed forward sees")
         for r in z["runs"]:
             seen = r.get("perturbation_seen")
-            seen = (f"{seen['eps_seen/eps_norm']:.3f} of eps*, restored to {seen['restored_distance']:.1e}"
+            restored = seen and seen["restored_distance"]
+            seen = (f"{seen['eps_seen/eps_norm']:.3f} of eps*"
+                    + (f", restored to {restored:.1e}" if restored is not None else "")
                     if seen else "")
             share = r.get("persistent_share")
             share = f"{share:10.3f}" if share is not None else f"{'':10}"
@@ -1019,6 +1041,8 @@ def parse_args(argv=None):
     g.add_argument("--captions-per-step", type=int, default=2, help="captions an optimizer step (default 2)")
     g.add_argument("--micro-captions", type=int, default=1, help="captions a micro-batch (default 1)")
     g.add_argument("--max-length", type=int, default=1024)
+    g.add_argument("--head-chunks", type=int, default=8, help="LM-head chunks per forward (model.lm_head_chunks, "
+                                                              "default 8; 0: the kept logits in one piece)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")

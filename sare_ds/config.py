@@ -62,6 +62,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute layer activations in the backward instead of keeping them (on in the real-model recipes:
     the backward through a frozen 7B LLM otherwise keeps ~4.2 MiB of bf16 activations per token, docs/memory_plan.md)."""
+    lm_head_chunks: int = 8
+    """Training runs the LM head and the NLL on the labelled positions only, in this many chunks per forward,
+    each chunk's logits recomputed in the backward: the loss path holds the logits of 1/chunks of the
+    labelled positions at a time (a whole labelled response included). The count, not the size, is fixed,
+    so every rank calls the head equally often (ZeRO-3 gathers its weight inside those calls). 0: the
+    model's own head on all labelled positions at once, logits kept for the backward (no recompute)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: `sdpa` (torch's fused attention), `eager`, or `flash_attention_2` (needs flash-attn)."""
 
@@ -169,6 +175,11 @@ class DistributedConfig:
     explicit values in the JSON that disagree are an error."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
+    zero3_shared_forward: bool = True
+    """ZeRO-3, SARE: one forward at theta serves both the ascent direction and the capability
+    gradient (one gather of the model fewer per micro-batch; costs one fp32 buffer of the rank's
+    gradient partition, trainable / world elements). false: three separate passes, no buffer.
+    Optimizer offload always runs the separate passes."""
 
 
 @dataclass

@@ -74,6 +74,7 @@ def test_quick_run_is_internally_consistent(quick_result):
         assert m["vocab"] == 32064
         assert m["kept_logits_bytes"] * m["positions"] == m["full_logits_bytes"] * m["labelled"]
         assert 0 < m["kept_peak_bytes"] < m["full_peak_bytes"]
+        assert 0 < m["chunked_peak_bytes"] < m["full_peak_bytes"]
         assert m["full_peak_bytes"] >= m["full_logits_bytes"]  # at least the fp32 logits themselves
 
 
@@ -126,7 +127,7 @@ def test_tokens_forwarded_equal_a_hand_count(trainable_adapter):
     after the last neg span."""
     ad = trainable_adapter
     caps = hand_made_captions()
-    args = SimpleNamespace(max_length=512, captions_per_step=2, micro_captions=1)
+    args = SimpleNamespace(max_length=512, captions_per_step=2, micro_captions=1, head_chunks=8)
     samples = [[tokenize_sample(s, ad, 512) for s in c.unpack()] for c in caps]
     lengths = [[len(t.input_ids) for t in per] for per in samples]
     # caption 1: pos, neg; caption 2: pos, pos, sent (the whole response + EOS is its longest sample)
@@ -158,6 +159,9 @@ def test_labelled_only_logits_are_smaller_by_the_labelled_share(trainable_adapte
     assert m["positions"] == len(seq.input_ids) and m["labelled"] == labelled_positions
     assert m["kept_logits_bytes"] / m["full_logits_bytes"] == pytest.approx(m["labelled"] / m["positions"])
     assert 0 < m["kept_peak_bytes"] < m["full_peak_bytes"]
+    # In K/4-position chunks the loss path holds a few (K/4) x V logits, not the labelled positions' K x V.
+    small = bench.loss_path_memory(ad, seq, chunks=4)
+    assert m["labelled"] >= 4 and small["chunked_peak_bytes"] < small["kept_peak_bytes"]
 
 
 def test_zero3_summary_counts_per_step_and_ratios():

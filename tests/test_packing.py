@@ -19,9 +19,9 @@ from sare_ds.data.tokenize import (
     tokenize_sample,
 )
 from sare_ds.models import load_mllm, select_trainable
-from sare_ds.train.losses import EFUF_NEG_SCORE_CEILING, per_sample_nll, span_sums
+from sare_ds.train.losses import EFUF_NEG_SCORE_CEILING, chunked_span_sums, per_sample_nll, span_sums
 from sare_ds.train.params import PlainParameterSpace
-from sare_ds.train.step import UnlearningStep
+from sare_ds.train.step import UnlearningStep, output_head
 
 PROMPT = "Describe the image."
 
@@ -155,7 +155,7 @@ class Lockstep(PlainParameterSpace):
 
 
 def run_step(model_dir, captions, method, *, packing=True, split=(len,), space_cls=PlainParameterSpace, steps=1,
-             **method_kw):
+             head_chunks=8, **method_kw):
     """Weights after `steps` optimizer steps on `captions`, cut into micro-batches of `split` captions."""
     torch.manual_seed(0)
     adapter = load_mllm(ModelConfig(name_or_path=str(model_dir)))
@@ -165,7 +165,8 @@ def run_step(model_dir, captions, method, *, packing=True, split=(len,), space_c
     # step is about lr * sign(g) and turns ulp-level differences of near-zero elements into lr-sized ones).
     space = space_cls(params, torch.optim.SGD(params, lr=0.1), None, 0.0)
     step = UnlearningStep(adapter.model, adapter.forward_inputs, space, MethodConfig(name=method, **method_kw),
-                          device=torch.device("cpu"), dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id)
+                          device=torch.device("cpu"), dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id,
+                          head_chunks=head_chunks)
     per_caption = [tokenize_caption(c, adapter, 512, packing=packing) for c in captions]
     forwards = []
     handle = adapter.model.register_forward_pre_hook(lambda *_: forwards.append(1))
@@ -208,6 +209,71 @@ def test_micro_batch_split_does_not_change_the_objective(tiny_model_dir, caption
         got, m, _ = run_step(tiny_model_dir, caps, method, split=split)
         assert close(got, whole), split
         assert m["loss/neg"] == pytest.approx(m_whole["loss/neg"], rel=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [1, 5, 48, 100])
+def test_chunked_head_equals_the_logits_in_one_piece(chunks):
+    """chunked_span_sums == span_sums(head(hidden)): values and the gradients of the hidden states and a
+    trainable head, fp32 1e-6, in 1 chunk, a few uneven ones, one per position, more chunks than positions
+    (the last ones empty); and a second backward through the same graph (SARE's shared forward)
+    recomputes the same gradients. The head is called `chunks` times whatever the positions."""
+    g = torch.Generator().manual_seed(0)
+    b, k, h, v = 2, 24, 16, 300
+    hidden0 = torch.randn(b, k, h, generator=g)
+    targets = torch.randint(0, v, (b, k), generator=g)
+    targets[0, :3] = IGNORE_INDEX  # positions without a label (padding of the shorter caption)
+    weights = torch.rand(b, len(KINDS), k, generator=g)
+    weights[0, :, :3] = 0.0
+
+    def run(fn):
+        head = torch.nn.Linear(h, v, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(v, h, generator=torch.Generator().manual_seed(1)))
+        hidden = hidden0.clone().requires_grad_()
+        sums = fn(head, hidden)
+        sums.sum().backward(retain_graph=True)
+        first = (hidden.grad.clone(), head.weight.grad.clone())
+        (sums * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        return sums.detach(), first, (hidden.grad, head.weight.grad)
+
+    ref = run(lambda head, hidden: span_sums(head(hidden), targets, weights))
+    calls = []
+
+    def counted(head, hidden):
+        handle = head.register_forward_pre_hook(lambda *_: calls.append(1))
+        return chunked_span_sums(head, hidden, targets, weights, chunks), handle
+
+    got = run(lambda head, hidden: counted(head, hidden)[0])
+    assert len(calls) == 3 * chunks  # the forward, and each of the two backwards recomputes every chunk
+    assert torch.allclose(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    for x, y in zip([*got[1], *got[2]], [*ref[1], *ref[2]]):
+        assert close(x, y)
+
+
+def test_chunked_head_step_equals_the_kept_logits_step(tiny_model_dir, captions):
+    """A SARE step (shared forward: two backwards through the chunks) and an EFUF step with the head in
+    5 chunks == the model's own head on the kept positions (head_chunks=0)."""
+    caps = captions[:6]
+    for method in ("sare", "efuf"):
+        chunked, m_chunked, _ = run_step(tiny_model_dir, caps, method, split=(3, 3), head_chunks=5)
+        whole, m_whole, _ = run_step(tiny_model_dir, caps, method, split=(3, 3), head_chunks=0)
+        assert close(chunked, whole), method
+        for k in m_whole:
+            if k.startswith(("loss/", "sam/")):
+                assert m_chunked[k] == pytest.approx(m_whole[k], rel=1e-5, abs=1e-7), (method, k)
+
+
+def test_a_head_that_soft_caps_its_logits_is_refused():
+    from types import SimpleNamespace
+
+    class Capped(torch.nn.Module):
+        config = SimpleNamespace(text_config=SimpleNamespace(final_logit_softcapping=30.0))
+
+        def get_output_embeddings(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="lm_head_chunks=0"):
+        output_head(Capped())
 
 
 def test_separate_passes_equal_the_shared_forward(tiny_model_dir, captions):

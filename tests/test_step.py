@@ -282,7 +282,10 @@ def test_non_finite_loss_stops_before_the_update(adapter):
     def poison(_module, _inputs, output):
         calls.append(1)
         if len(calls) == 2:  # the perturbed pass (the capability gradient came from the forward at theta)
+            # What the loss reads: the logits, or the final hidden states that the chunked LM head takes.
             output.logits = output.logits * float("nan")
+            if output.hidden_states is not None:
+                output.hidden_states = (*output.hidden_states[:-1], output.hidden_states[-1] * float("nan"))
         return output
 
     handle = adapter.model.register_forward_hook(poison)

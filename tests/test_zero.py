@@ -115,15 +115,22 @@ def test_sare_zero3_two_ranks_matches_single_process(reference, sare_zero3):
     assert_same_run(reference["sare"], sare_zero3)
     row = metrics(sare_zero3)[0]
     for tag in ("sam/grad_norm_neg", "sam/eps_norm", "sam/sharpness_gap", "train/grad_norm", "train/lr",
-                "perf/step_time_s", "perf/samples_per_s", "perf/tokens_per_s", "perf/phase/neg_at_theta",
-                "perf/phase/perturb", "perf/phase/neg_at_eps", "perf/phase/restore", "perf/phase/capability",
-                "perf/phase/optimizer_step"):
+                "perf/step_time_s", "perf/samples_per_s", "perf/tokens_per_s", "perf/phase/theta",
+                "perf/phase/perturb", "perf/phase/neg_at_eps", "perf/phase/restore", "perf/phase/optimizer_step"):
         assert tag in row, tag
     assert row["sam/eps_norm"] == pytest.approx(0.05, rel=1e-5)
     ref_row = metrics(reference["sare"])[0]
     for k in ("sam/grad_norm_neg", "sam/sharpness_gap", "train/grad_norm"):
         assert row[k] == pytest.approx(ref_row[k], rel=1e-4, abs=1e-7), k
     assert json.loads((sare_zero3 / "summary.json").read_text())["world_size"] == 2
+
+
+def test_sare_zero3_separate_passes_match_single_process(reference, tiny_model_dir, tmp_path):
+    """distributed.zero3_shared_forward=false: the three-pass schedule (no direction buffer)."""
+    launch("deepspeed", common(tiny_model_dir, tmp_path, Z3, "distributed.zero3_shared_forward=false"))
+    assert_same_run(reference["sare"], tmp_path)
+    row = metrics(tmp_path)[0]
+    assert {"perf/phase/neg_at_theta", "perf/phase/capability"} <= set(row) and "perf/phase/theta" not in row
 
 
 @pytest.mark.parametrize("method", ["efuf", "ft"])
@@ -238,7 +245,8 @@ def test_perturb_restore_bit_identical_on_every_rank(tiny_model_dir, tmp_path):
          str(tiny_model_dir), str(tmp_path)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600))
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert [r["persistent"] for r in results] == [4, 0]  # projector kept whole / partitioned
+        assert [r["persistent"] for r in results] == [4, 0, 0]  # projector kept whole / partitioned
+        assert [r["shared"] for r in results] == [True, True, False]  # the shared forward, the separate passes
         for r in results:
             assert r["perturbed_differs"] and r["restored_identical"] and r["persistent_gathered"], r
             assert r["raised"] and r["after_exception_identical"], r

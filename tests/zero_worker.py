@@ -3,10 +3,11 @@
     torchrun --nproc_per_node 2 tests/zero_worker.py <tiny_model_dir> <out_dir>
 
 On ZeRO-3 partitions, with persistent parameters (default threshold) and without
-(threshold 0), checks on every rank that
+(threshold 0), in the shared-forward schedule and (threshold 0) the separate passes, checks on
+every rank that
   - the forward at theta + eps* sees changed partitions,
-  - the capability pass after restore sees partitions (and the gathered copies of
-    persistent parameters) bit-identical to theta,
+  - after restore the partitions (and the gathered copies of persistent parameters) are
+    bit-identical to theta, and the separate schedule's capability pass sees them so,
   - an exception inside the perturbed pass leaves them bit-identical too.
 Writes one JSON verdict per rank; the test asserts on them.
 """
@@ -43,9 +44,10 @@ def same(a, b):
                for x, y in zip(a, b))
 
 
-def run(model_dir: str, threshold: float, info) -> dict:
+def run(model_dir: str, threshold: float, shared: bool, info) -> dict:
     cfg = load_config(ROOT / "launch/configs/tiny_random.yaml", [
         f"model.name_or_path={model_dir}", "distributed.ds_config=ds_configs/zero3_cpu_fp32.json",
+        f"distributed.zero3_shared_forward={str(shared).lower()}",
         "method.rho=0.5", "data.source=synthetic", "data.num_images=16", "optim.max_steps=2"])
     ds = build_ds_config(cfg, info.world_size, False)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
@@ -64,14 +66,21 @@ def run(model_dir: str, threshold: float, info) -> dict:
     persistent = sum(bool(getattr(p, "ds_persist", False)) for p in tparams)
 
     before = state(tparams)
-    seen = []
+    seen, restored = [], []
     handle = rt.engine.module.register_forward_pre_hook(lambda *_: seen.append(state(tparams)))
+    restore = rt.space.restore
+    rt.space.restore = lambda: (restore(), restored.append(state(tparams)))
     step(batches[0])
     handle.remove()
+    del rt.space.restore
+    # Forwards (1 micro-batch): at theta (shared: both gradients; separate: neg), at theta + eps*, and in
+    # the separate schedule the capability pass at theta.
+    assert len(seen) == (2 if shared else 3) and rt.space.separate_direction == shared, (len(seen), shared)
     perturbed_differs = not same(seen[1], before)
-    # Forwards: neg at theta, neg at theta + eps*, capability at theta (1 micro-batch).
-    restored_identical = same(seen[2], before) and same(seen[2], seen[0])
-    persistent_gathered = all(x[1] is not None for x, p in zip(seen[2], tparams) if getattr(p, "ds_persist", False))
+    restored_identical = same(restored[0], before) and same(restored[0], seen[0])
+    if not shared:
+        restored_identical = restored_identical and same(seen[2], before)
+    persistent_gathered = all(x[1] is not None for x, p in zip(restored[0], tparams) if getattr(p, "ds_persist", False))
 
 
     before = state(tparams)
@@ -90,7 +99,7 @@ def run(model_dir: str, threshold: float, info) -> dict:
         raised = True
     handle.remove()
     after_exception_identical = same(state(tparams), before)
-    return {"threshold": threshold, "persistent": persistent, "persistent_gathered": persistent_gathered, "trainable": len(tparams),
+    return {"threshold": threshold, "shared": shared, "persistent": persistent, "persistent_gathered": persistent_gathered, "trainable": len(tparams),
             "perturbed_differs": perturbed_differs, "restored_identical": restored_identical,
             "raised": raised, "after_exception_identical": after_exception_identical}
 
@@ -98,7 +107,7 @@ def run(model_dir: str, threshold: float, info) -> dict:
 def main() -> None:
     model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
     info = init_distributed("gloo")
-    results = [run(model_dir, t, info) for t in (1e5, 0)]
+    results = [run(model_dir, t, shared, info) for t, shared in ((1e5, True), (0, True), (0, False))]
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps(results))
     shutdown()  # releases DeepSpeed's CPU shared-memory buffer (sare_ds.dist.release_deepspeed_shm)
 

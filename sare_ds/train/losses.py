@@ -1,8 +1,10 @@
 """Span losses: per-sample mean token NLL of the target span, and the kind losses.
 
-Training (packed or not) uses `span_sums`: the logits of the labelled positions only
-(`collate_captions`'s `keep`), one fp32 cross-entropy over them, and per kind the weighted sum
-that `UnlearningStep` divides by the step's span count (pooled means). `per_sample_nll` and
+Training (packed or not) uses `chunked_span_sums`: from the final hidden states of the labelled
+positions only (`collate_captions`'s `keep`), the LM head and an fp32 cross-entropy over one chunk of
+those positions at a time, each chunk recomputed in the backward (torch.utils.checkpoint), and per kind
+the weighted sum that `UnlearningStep` divides by the step's span count (pooled means).
+`span_sums` is the same sum from logits already computed (one piece; the reference of the chunks). `per_sample_nll` and
 `kind_losses` are the per-sample forms (full logits): the sharpness probe (eval/probe.py) and
 evaluation's perplexity use them, and tests use them as references.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sare_ds.data.samples import KIND_INDEX
 from sare_ds.data.tokenize import EFUF_NEG_SCORE_CEILING, IGNORE_INDEX
@@ -52,6 +55,46 @@ def kind_losses(nll: torch.Tensor, kind: torch.Tensor, score: torch.Tensor,
 
 # The sign of each kind's loss: L_neg = -NLL (gradient ascent), the others +NLL.
 KIND_SIGN = {"pos": 1.0, "neg": -1.0, "sent": 1.0}
+
+
+def _chunk_sums(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[C, H] hidden, [C] targets, [n_kinds, C] weights -> [n_kinds] weighted NLL sums of one chunk."""
+    nll = F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return weights.to(nll.dtype) @ nll
+
+
+def chunked_span_sums(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                      chunks: int, reentrant: bool = False) -> torch.Tensor:
+    """`span_sums(head(hidden), targets, weights)` without the [B, K, V] logits: [B, K, H] final hidden
+    states at the kept positions, the LM head module (called, so ZeRO-3 gathers its weight), [B, K]
+    targets, [B, n_kinds, K] weights -> [n_kinds] fp32. The B*K positions are cut into `chunks` equal
+    pieces (the last ones empty when there are fewer positions); a piece's logits live only inside its
+    forward and again inside its backward (recomputed there), so the peak is a few (B*K / chunks) x V
+    fp32 tensors instead of a few B*K x V. The head is called `chunks` times whatever K is: under ZeRO-3
+    every rank must make the same module calls (each may gather the head's weight), and K differs
+    between ranks. Several backwards through the result (SARE's shared forward) recompute each time.
+
+    reentrant: torch's reentrant checkpoint, for a ZeRO-3-partitioned head. DeepSpeed gathers the head's
+    weight for a forward and releases it (empties `param.data`) right after; the non-reentrant
+    checkpoint compares what the recomputation saved with what the forward saved once the recomputed
+    forward has returned, so it finds the released, empty weight (a CheckpointError). The reentrant one
+    recomputes and back-propagates the chunk inside its own backward, where DeepSpeed's hooks gather
+    the weight as for any module. It does not support torch.autograd.grad, which the one-process
+    space uses, hence non-reentrant elsewhere."""
+    if chunks < 1:
+        raise ValueError(f"chunked_span_sums: chunks = {chunks}; give 1 or more")
+    b, k, h = hidden.shape
+    n = b * k
+    hidden = hidden.reshape(n, h)
+    targets = targets.reshape(n)
+    weights = weights.transpose(0, 1).reshape(weights.shape[1], n)
+    size = max(1, -(-n // chunks))
+    total = None
+    for i in range(chunks):
+        lo, hi = min(i * size, n), min((i + 1) * size, n)
+        part = checkpoint(_chunk_sums, head, hidden[lo:hi], targets[lo:hi], weights[:, lo:hi], use_reentrant=reentrant)
+        total = part if total is None else total + part
+    return total
 
 
 def span_sums(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,14 @@ loss is its sum of span NLLs over that count, so packing, accumulation and world
 objective unchanged. FT and EFUF are one pass with the weights of their `at_theta`.
 
 Two schedules of the same six steps (docs/architecture.md):
-- shared forward at theta (a space with a separate direction buffer: PlainParameterSpace): one
-  forward of every caption at theta; the backward of L_neg goes to the direction buffer (g), the
-  backward of the capability losses to the gradient; after the perturbed pass the gradient holds
-  g_cap + lambda1 g_neg. Passes over the data: 1 forward + 2 backwards at theta, 1 forward+backward
-  at theta + eps*.
-- separate passes (ZeRO: one gradient store, partitioned): steps 1, 3 and 5 as three passes; the
-  neg passes only forward captions with neg spans, cut after their last neg token.
+- shared forward at theta (a space with a separate direction buffer: PlainParameterSpace, and
+  ZeRO-3 by default): one forward of every caption at theta; the backward of L_neg goes to the
+  direction buffer (g), the backward of the capability losses to the gradient; after the perturbed
+  pass the gradient holds g_cap + lambda1 g_neg. Passes over the data: 1 forward + 2 backwards at
+  theta, 1 forward+backward at theta + eps*.
+- separate passes (ZeRO-2, ZeRO-3 with optimizer offload or distributed.zero3_shared_forward=false:
+  one gradient store): steps 1, 3 and 5 as three passes; the neg passes only forward captions with
+  neg spans, cut after their last neg token.
 Every rank runs the same passes whatever its data (a micro-batch with nothing of a pass's kinds
 forwards a weightless stand-in): ZeRO-3 gathers parameters inside each forward, and a rank that
 skipped one would leave the others waiting.
@@ -38,7 +39,7 @@ import torch
 from sare_ds.data.samples import KIND_INDEX, KINDS
 from sare_ds.data.tokenize import TokenizedCaption, collate_captions, empty_pass_batch
 from sare_ds.methods import get_method
-from sare_ds.train.losses import KIND_SIGN, span_sums
+from sare_ds.train.losses import KIND_SIGN, chunked_span_sums, span_sums
 from sare_ds.train.params import ParameterSpace
 from sare_ds.train.timing import PhaseTimer
 
@@ -69,6 +70,25 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module the model applies to its final hidden states to get logits (looks through DeepSpeed
+    and PEFT). A model that transforms the logits after it (e.g. Gemma-2's final soft-capping) cannot
+    have its head run apart from the model: refused, use model.lm_head_chunks=0."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    config = getattr(inner, "config", None)
+    text = getattr(config, "text_config", None) or config
+    if getattr(text, "final_logit_softcapping", None):
+        raise ValueError(f"{type(inner).__name__} soft-caps its logits after the LM head, which the chunked head "
+                         "does not reproduce; set model.lm_head_chunks=0")
+    head = inner.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no output embeddings (get_output_embeddings() is None); "
+                         "set model.lm_head_chunks=0")
+    return head
+
+
 def flatten(micro_batch) -> MicroBatch:
     """A micro-batch as a list of sequences; a {kind: [sequences]} dict (StepComposer over sequences,
     as fine_tune_attack and the tests build them) is flattened. The trainer flattens the stream's
@@ -83,7 +103,7 @@ class UnlearningStep:
 
     def __init__(self, model, forward_inputs, space: ParameterSpace, method_cfg, *, device: torch.device,
                  dtype: torch.dtype, pad_token_id: int, check_finite: bool = True, timer: PhaseTimer | None = None,
-                 keep_logits: bool | None = None):
+                 keep_logits: bool | None = None, head_chunks: int = 8):
         self.model = model
         self.forward_inputs = forward_inputs
         self.space = space
@@ -97,12 +117,26 @@ class UnlearningStep:
         # The LM head on the labelled positions only, through the model's own `logits_to_keep`; a model
         # without it computes every position's logits and the kept ones are picked (same NLL).
         self.keep_logits = accepts_logits_to_keep(model) if keep_logits is None else keep_logits
+        # With the labelled-only head: the model's own head runs on no position (logits_to_keep empty),
+        # its final hidden states come back (hidden_states[-1], transformers' last_hidden_state) and
+        # the head runs on the kept positions in `head_chunks` chunks (losses.chunked_span_sums).
+        if head_chunks < 0:
+            raise ValueError(f"head_chunks = {head_chunks}: give the LM-head chunks per forward (>= 1), or 0 for "
+                             "the model's own head in one piece")
+        self.head_chunks = head_chunks if self.keep_logits else 0
+        self.head = output_head(model) if self.head_chunks else None
+        # A ZeRO-3-partitioned head needs torch's reentrant checkpoint (losses.chunked_span_sums).
+        self.head_reentrant = self.head is not None and any(hasattr(p, "ds_id") for p in self.head.parameters())
         self._last_losses: dict[str, torch.Tensor] = {}
 
     # -- one forward: per-kind sums of span NLLs -----------------------------------------
     def _sums(self, batch: dict) -> torch.Tensor:
         batch = to_device(batch, self.device, self.dtype)
         keep = batch["keep"]
+        if self.head_chunks:
+            out = self.model(**self.forward_inputs(batch), logits_to_keep=keep[:0], output_hidden_states=True)
+            return chunked_span_sums(self.head, out.hidden_states[-1][:, keep], batch["targets"], batch["weights"],
+                                     self.head_chunks, reentrant=self.head_reentrant)
         if self.keep_logits:
             logits = self.model(**self.forward_inputs(batch), logits_to_keep=keep).logits
         else:
@@ -145,13 +179,14 @@ class UnlearningStep:
         total = torch.zeros(len(KINDS), device=self.device)
         self.space.begin_direction()  # a step without direction losses has d = 0, not the gradient
         for items in micro:
-            batch = collate_captions(items, self.pad_token_id, kinds)
+            batch = self._batch(items, kinds)
             if batch is None:
                 continue
-            # Which of the two backwards this batch needs, read on the host tensors (no device sync).
+            # Which of the two backwards this batch needs, read on the host tensors (no device sync);
+            # in lockstep every rank runs both, a kind it lacks weighing zero.
             has = {k: bool(batch["weights"][:, KIND_INDEX[k]].any()) for k in kinds}
-            need_dir = any(has[k] for k in direction)
-            need_cap = any(has[k] and w != 0 for k, w in capability.items())
+            need_dir = self.space.lockstep or any(has[k] for k in direction)
+            need_cap = self.space.lockstep or any(has[k] and w != 0 for k, w in capability.items())
             sums = self._sums(batch)
             scale = self.space.grad_sum_scale
             if need_cap:

@@ -226,7 +226,8 @@ def build_deepspeed(cfg: TrainConfig, model, params, ds_config: dict, info: Dist
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.optim, total_steps)),
     )
     stage = zero_stage(ds_config)
-    return Runtime(engine, zero_parameter_space(engine, stage), engine.device, info, engine, stage)
+    space = zero_parameter_space(engine, stage, cfg.distributed.zero3_shared_forward)
+    return Runtime(engine, space, engine.device, info, engine, stage)
 
 
 # ------------------------------------------------------------------------- weights out
@@ -389,7 +390,8 @@ def train(cfg: TrainConfig) -> Path:
     if pad_id is None:
         pad_id = adapter.tokenizer.eos_token_id
     step_fn = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device, dtype=dtype,
-                             pad_token_id=pad_id, check_finite=cfg.optim.check_finite, timer=timer)
+                             pad_token_id=pad_id, check_finite=cfg.optim.check_finite, timer=timer,
+                             head_chunks=cfg.model.lm_head_chunks)
     start = load_checkpoint(rt, run_dir) if cfg.output.resume else 0
     if start:
         batches, _ = build_data(cfg, adapter, info, start)  # the data position of the checkpoint

@@ -13,6 +13,19 @@ ZeRO-3 (Zero3ParameterSpace). Each rank holds, per trainable parameter, a flat p
   Persistent parameters (numel <= stage3_param_persistence_threshold) keep a gathered full
   copy that ignores `ds_tensor` edits; they are re-partitioned and re-gathered after each
   perturb and restore so the forward sees the same weights as the partitioned ones.
+  Shared forward (`shared_forward=True`, the default): one forward at theta serves the ascent
+  direction and the capability gradient (the step's shared schedule, as in one process), which
+  saves SARE one gather of the whole model per micro-batch. Two things make the second backward
+  through one ZeRO-3 forward correct:
+    - the direction has its own buffer, shaped like the optimizer's flat fp32 gradient buffer
+      (one rank's partition: trainable / world elements). `backward_direction` swaps the two
+      buffers' contents around its backward, so the direction and the capability gradient
+      accumulate apart over the micro-batches, each through DeepSpeed's own reduce-scatter;
+    - DeepSpeed's ZeRO-3 hooks gather a module's weights before its backward only while the
+      module's `applied_pre_backward_ref_cnt` is positive, and release them when
+      `ds_grads_remaining` reaches zero; the first backward counts both down. They are read
+      after the forward (at the first backward that retains the graph) and set back before the
+      next backward through the same graph, so it gathers and releases exactly like the first.
 
 ZeRO-2 (Zero2ParameterSpace). Weights are whole on every rank; each rank owns a fragment of
 the fp32 master and of the reduced gradient of each parameter (`p._hp_mapping`). Each rank
@@ -81,7 +94,7 @@ class _ZeroSpace(ParameterSpace):
 
 
 class Zero3ParameterSpace(_ZeroSpace):
-    def __init__(self, engine):
+    def __init__(self, engine, shared_forward: bool = True):
         super().__init__(engine)
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
@@ -95,9 +108,108 @@ class Zero3ParameterSpace(_ZeroSpace):
                                    f"{master.numel()}); this DeepSpeed version is not supported by sare_ds")
             if master.data_ptr() == p.ds_tensor.data_ptr():
                 raise RuntimeError("the fp32 master partition aliases the weights; exact restore is impossible")
+        opt = engine.optimizer
+        # With optimizer offload the fp32 gradients the optimizer reads are per-sub-group buffers
+        # written at accumulation boundaries: there is no single buffer to swap, so offload runs
+        # the separate passes.
+        self.separate_direction = bool(shared_forward) and not getattr(opt, "offload_optimizer", False)
+        self._direction: torch.Tensor | None = None  # shaped like opt.grad_partitions_flat_buffer
+        self._direction_views: list[torch.Tensor] = []
+        self._direction_mode = False
+        self._hook_counts: list | None = None  # ZeRO-3 backward-hook counters after the last forward
+
+    # -- backwards: several through one forward --------------------------------------------
+    def backward(self, loss: torch.Tensor, boundary: bool = True, retain_graph: bool = False) -> None:
+        if self._hook_counts is not None:
+            self._rearm_backward_hooks(self._hook_counts)  # a further backward through the same forward
+        elif retain_graph:
+            self._hook_counts = self._backward_hook_counts()
+        try:
+            self.engine.backward(loss, retain_graph=retain_graph)
+        finally:
+            if not retain_graph:
+                self._hook_counts = None
+
+    def _backward_hook_counts(self) -> list:
+        counts = [(m, m.__dict__.get("applied_pre_backward_ref_cnt"), m.__dict__.get("ds_grads_remaining"))
+                  for m in self.engine.module.modules()]
+        if not any(pre for _, pre, _ in counts):
+            raise RuntimeError(
+                "ZeRO-3: no module has DeepSpeed's pre-backward counter (applied_pre_backward_ref_cnt) after the "
+                "forward, so a second backward through it would run on released weights. This DeepSpeed version "
+                "is not supported by the shared forward; set distributed.zero3_shared_forward=false")
+        return counts
+
+    @staticmethod
+    def _rearm_backward_hooks(counts: list) -> None:
+        for module, pre, remaining in counts:
+            if pre is not None:
+                module.applied_pre_backward_ref_cnt = pre
+            if remaining is not None:
+                module.ds_grads_remaining = remaining
+
+    # -- the direction buffer ----------------------------------------------------------------
+    def begin_direction(self) -> None:
+        if not self.separate_direction:
+            super().begin_direction()  # raises: this space runs the separate passes
+        opt = self.engine.optimizer
+        flat = opt.grad_partitions_flat_buffer  # in the gradient accumulation dtype (bf16 runs: bf16)
+        if self._direction is None or self._direction.shape != flat.shape:
+            self._direction = torch.zeros_like(flat)
+            # Each parameter's partition is a view of the flat buffer (safe_get_local_grad returns an
+            # fp32 copy of it when the buffer is bf16, so the view is read from the optimizer's map).
+            parts = getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+            if parts is None:
+                raise RuntimeError("ZeRO-3: the optimizer has no gradient partition map; this DeepSpeed version is "
+                                   "not supported by the shared forward (set distributed.zero3_shared_forward=false)")
+            self._direction_views = [self._view_like(self._direction, flat, parts[p.ds_id]) for p in self.params]
+        else:
+            self._direction.zero_()
+        self._direction_mode = True
+
+    @staticmethod
+    def _view_like(buffer: torch.Tensor, flat: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """The view of `buffer` at the place `part` (a gradient partition) has in `flat`."""
+        if part.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+            raise RuntimeError("ZeRO-3 gradient partitions are not views of grad_partitions_flat_buffer; this "
+                               "DeepSpeed version is not supported by the shared forward (set "
+                               "distributed.zero3_shared_forward=false)")
+        offset = part.storage_offset() - flat.storage_offset()
+        return buffer.narrow(0, offset, part.numel()).view_as(part)
+
+    @torch.no_grad()
+    def _swap_direction(self) -> None:
+        """Exchange the contents of the gradient partitions and the direction buffer (in chunks)."""
+        flat, direction = self.engine.optimizer.grad_partitions_flat_buffer, self._direction
+        chunk = min(flat.numel(), 1 << 22)
+        tmp = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
+        for a, b in zip(flat.split(chunk), direction.split(chunk)):
+            t = tmp[:a.numel()]
+            t.copy_(a)
+            a.copy_(b)
+            b.copy_(t)
+
+    def backward_direction(self, loss: torch.Tensor) -> None:
+        if not self._direction_mode:
+            raise RuntimeError("backward_direction() before begin_direction()")
+        # During this backward the gradient partitions hold the direction: DeepSpeed reduce-scatters
+        # into them (adding from the second micro-batch on) as for any backward.
+        self._swap_direction()
+        try:
+            self.backward(loss)
+        finally:
+            self._swap_direction()
+
+    def local_direction_sq_sum(self) -> torch.Tensor:
+        if not self._direction_mode:
+            return self.local_grad_sq_sum()
+        return kernels.sum_of_squares(self._direction_views).to(self._direction.device)
 
     @torch.no_grad()
     def zero_grad(self) -> None:
+        self._hook_counts = None
+        if not self._perturbed:
+            self._direction_mode = False
         # optimizer.zero_grad() drops param.grad and resets micro_step_id, so the next backward
         # *copies* into the fp32 grad partition of every parameter it reduces; a parameter that
         # backward does not reach is never reduced, and its partition (what safe_get_local_grad
@@ -151,7 +263,7 @@ class Zero3ParameterSpace(_ZeroSpace):
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore()")
         self._perturbed = True
-        grads = [self._get_grad(p) for p in self.params]
+        grads = self._direction_views if self._direction_mode else [self._get_grad(p) for p in self.params]
         for weights, masters, gs in _by_device(self._weights(), self._masters(), grads):
             dev = weights[0].device
             kernels.perturb_(weights, [m.to(dev) for m in masters], [g.to(dev) for g in gs], scale.to(dev))
@@ -265,9 +377,9 @@ class Zero2ParameterSpace(_ZeroSpace):
         self._perturbed = False
 
 
-def zero_parameter_space(engine, stage: int) -> ParameterSpace:
+def zero_parameter_space(engine, stage: int, shared_forward: bool = True) -> ParameterSpace:
     if stage == 3:
-        return Zero3ParameterSpace(engine)
+        return Zero3ParameterSpace(engine, shared_forward)
     if stage == 2:
         return Zero2ParameterSpace(engine)
     raise ValueError(f"ZeRO stage {stage} is not supported (use 2 or 3)")
