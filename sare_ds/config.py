@@ -357,6 +357,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(d.captions_per_step > 0, "data.captions_per_step", d.captions_per_step, "a micro-batch needs a caption",
              "use 4")
     _require(d.max_length > 0, "data.max_length", d.max_length, "must be > 0", "use 512 or more")
+    _require(mo.lm_head_chunks >= 0, "model.lm_head_chunks", mo.lm_head_chunks,
+             "the LM head's chunks per forward must be >= 0", "use 8 (0: the model's own head in one piece)")
     _require(d.num_images > 0, "data.num_images", d.num_images, "must be > 0", "use e.g. 48")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0", "use 0-8")
     _require(o.optimizer in ("adamw", "sgd"), "optim.optimizer", o.optimizer, "must be adamw or sgd", "use adamw")

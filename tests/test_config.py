@@ -55,6 +55,7 @@ def test_dump_round_trip(tmp_path):
     ("optim.clip_grad_norm=-1", ["optim.clip_grad_norm"]),
     ("model.dtype=float8", ["model.dtype", "bfloat16"]),
     ("model.trainable=regex", ["model.trainable_regex", "needs a pattern"]),
+    ("model.lm_head_chunks=-1", ["model.lm_head_chunks", ">= 0", "use 8"]),
     ("method.rhoo=0.1", ["unknown config field `method.rhoo`", "did you mean `method.rho`"]),
     ("method.rho=abc", ["method.rho", "expected float"]),
     ("method.rho", ["section.field=value"]),
