@@ -242,8 +242,8 @@ def schedule(tokenized, captions_per_step: int, micro_captions: int):
 # ------------------------------------------------------------------------------ counting
 
 class ForwardCounter:
-    """Counts what the model forwards: calls, positions (padding included), real tokens, and the positions
-    the LM head computes logits for (recomputations in the backward included)."""
+    """Counts what the model forwards: calls, positions (padding included), real tokens; `head`, the
+    positions the LM head computes logits for, is added by the Runner from its step's own count."""
 
     def __init__(self):
         self.reset()
@@ -253,15 +253,11 @@ class ForwardCounter:
         """Count the forwards of `model` inside the block (counters reset on entry unless reset=False)."""
         if reset:
             self.reset()
-        # The LM head's own calls: the positions it computes logits for (in the model's forward, in the
-        # chunked head's forward and again in its recomputation during each backward).
-        handles = [model.register_forward_pre_hook(self._hook, with_kwargs=True),
-                   model.get_output_embeddings().register_forward_pre_hook(self._head_hook)]
+        handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
         try:
             yield self
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
 
     def reset(self):
         self.forwards = self.positions = self.real = self.head = 0
@@ -274,10 +270,6 @@ class ForwardCounter:
         self.forwards += 1
         self.positions += ids.numel()
         self.real += int(mask.sum()) if mask is not None else ids.numel()
-
-    def _head_hook(self, module, args):
-        hidden = args[0]
-        self.head += hidden.numel() // hidden.shape[-1]
 
     def read(self) -> dict[str, int]:
         return {"forwards": self.forwards, "positions": self.positions, "real": self.real, "head": self.head}
@@ -406,10 +398,13 @@ class Runner:
 
     def run_step(self, model, i: int) -> float:
         """Optimizer step i of the epoch; its wall time (forwards counted, phases kept in the timer)."""
+        head = self.step.head_positions
         with self.counter.attached(model, reset=False):
             t0 = time.perf_counter()
             self.step(self.steps[i])
-            return time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+        self.counter.head += self.step.head_positions - head
+        return dt
 
     def epoch(self, model) -> tuple[float, dict[str, float]]:
         """One whole epoch on its own (not interleaved); its wall time and phases."""

@@ -6,7 +6,7 @@
     model = summarize(ModelConfig(name_or_path="preset:llava-1.5-7b", dtype="bfloat16"))  # meta build, < 1 s
     step = StepShape(method="sare", seq_len=1024, captions_per_step=2, packing=True)
     plan = plan_run(model, step, gpus=8, gpu_mem_gib=80)
-    flops = plan_flops(model, step, schedule="separate")        # ZeRO's passes; "shared": one process
+    flops = plan_flops(model, step, schedule="shared")          # one process, ZeRO-3; "separate": ZeRO-2
     flops = step_flops(model, "sare", uniform_lengths({"pos": 1, "neg": 1, "sent": 1}, 1024),
                        gradient_checkpointing=True)              # from per-kind sample lengths
 
@@ -18,16 +18,18 @@ The formulas, each a small function below:
 - the step (`StepShape`, `step_passes`): data.captions_per_step captions per micro-batch, packed
   (one sequence per caption carrying all of its spans) or not (one sequence per span, cut after
   it), or per-kind samples; the passes of each method as sare_ds/train/step.py runs them (SARE:
-  three passes under ZeRO; one forward at theta with two backwards + the perturbed pass in one
-  process), each a batch of rows padded to the longest, with K labelled positions (the union over
-  the batch: the LM head runs on those only);
+  three passes under ZeRO-2 and ZeRO-3 with optimizer offload; one forward at theta with two
+  backwards + the perturbed pass in one process and under ZeRO-3), each a batch of rows padded to
+  the longest, with K labelled positions (the union over the batch: the LM head runs on those only);
 - per-rank state memory under ZeRO-2 / ZeRO-3 / plain training (`state_memory`), read against the
   DeepSpeed JSON (bucket sizes, live-parameter limits, offload, hpZ);
 - activation memory of one pass (`pass_activations`): the tensors autograd saves in a
   Llama/Mistral decoder layer with SDPA attention when the LLM is frozen (gradients flow to the
   layer inputs only, so a frozen Linear keeps no input), the checkpointed layer inputs with
   gradient checkpointing, the projector, the loss's fp32 log-softmax over the K labelled positions
-  (`logits_saved_bytes`; before logits_to_keep it was every position: `full_logits_saved_bytes`),
+  (`logits_saved_bytes`; before logits_to_keep it was every position: `full_logits_saved_bytes`).
+  The loss term is the one-piece head (model.lm_head_chunks=0), an upper bound of the default
+  chunked head, which holds the logits of K / chunks positions at a time (docs/performance.md);
   and the transient peak of the pass (the loss's backward, the final norm's, the top layer's, the
   forward's end), with the graph retained through two backwards for SARE's shared forward;
   validated against measured autograd-saved bytes and CPU allocator peaks of small models through
@@ -565,8 +567,8 @@ def method_passes(method: str, schedule: str = "separate") -> list[tuple[str, tu
 
     FT / EFUF: one forward + backward over their kinds. SARE (sare_ds/methods.py: capability at theta,
     neg at theta + eps*):
-      separate (ZeRO-2/3: one gradient store)  neg at theta, neg at theta + eps*, capability at theta
-      shared (one process, PlainParameterSpace) one forward at theta over all kinds whose graph serves
+      separate (ZeRO-2, ZeRO-3 + offload)      neg at theta, neg at theta + eps*, capability at theta
+      shared (one process, ZeRO-3)             one forward at theta over all kinds whose graph serves
                                                 two backwards (capability into the gradient with
                                                 retain_graph, then the direction into its buffer),
                                                 then neg at theta + eps*
@@ -574,7 +576,7 @@ def method_passes(method: str, schedule: str = "separate") -> list[tuple[str, tu
     from sare_ds.methods import get_method
 
     if schedule not in SCHEDULES:
-        raise PlanError(f"schedule {schedule!r}: separate (ZeRO) or shared (one process)")
+        raise PlanError(f"schedule {schedule!r}: separate (ZeRO-2, ZeRO-3 + offload) or shared (one process, ZeRO-3)")
     try:
         m = get_method(method)
     except ValueError:
@@ -849,6 +851,7 @@ class ZeroSettings:
     cpu_only: bool = False
     grad_accum_dtype: str | None = None
     hpz_partition_size: int = 1     # ZeRO++ hpZ: a secondary weight partition over this many ranks (a node)
+    shared_forward: bool = True     # distributed.zero3_shared_forward (ZeRO-3 without offload only)
 
     @classmethod
     def from_json(cls, path: str | Path, dtype: str = "bfloat16") -> "ZeroSettings":
@@ -907,10 +910,13 @@ def state_memory(model: ModelSummary, zero: ZeroSettings, world: int, optimizer:
                   CPU master and gradient partitions are copied to the GPU for the kernels); ZeRO-2
                   one fp32 flat buffer of all trainable elements to assemble theta + eps*.
                   Transient: it exists between the passes, when the activations are freed.
-    sare_direction  plain training (one process, PlainParameterSpace), a sharpness-aware method
-                  only: ONE buffer of the trainable size in the weights' dtype, the ascent
-                  direction from the shared forward's second backward, then theta from perturb to
-                  restore, so alive through the perturbed pass's activations (counted as static).
+    sare_direction  a sharpness-aware method in the shared schedule only (schedule_of). Plain training
+                  (one process, PlainParameterSpace): ONE buffer of the trainable size in the weights'
+                  dtype, the ascent direction from the shared forward's second backward, then theta
+                  from perturb to restore, so alive through the perturbed pass's activations (counted
+                  as static). ZeRO-3 (Zero3ParameterSpace, shared forward): one buffer shaped like the
+                  rank's gradient partition (trainable / world elements, the accumulation dtype),
+                  allocated once and kept.
     """
     s = 4 if zero.dtype == "float32" else model.dtype_bytes
     acc = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2}.get(zero.grad_accum_dtype or "", s)
@@ -929,6 +935,10 @@ def state_memory(model: ModelSummary, zero: ZeroSettings, world: int, optimizer:
             out["sare_direction"] = trainable * s
         return out
     if zero.stage == 3:
+        from sare_ds.methods import get_method
+
+        if schedule_of(zero) == "shared" and get_method(method).sharpness_aware:
+            out["sare_direction"] = part * acc
         persistent = sum(n for n in model.param_numels if n <= zero.persistence_threshold) \
             if model.param_numels else model.persistent_params
         out["weights"] = math.ceil(total / world) * s + persistent * s
@@ -966,9 +976,11 @@ def overhead_bytes(world: int) -> float:
 
 
 def schedule_of(zero: ZeroSettings) -> str:
-    """SARE's schedule under a config: ZeRO's one gradient store runs three passes; a plain process has
-    a direction buffer and shares one forward at theta (sare_ds/train/step.py)."""
-    return "shared" if zero.stage == 0 else "separate"
+    """SARE's schedule under a config (sare_ds/train/step.py): a plain process and ZeRO-3 (without
+    optimizer offload, distributed.zero3_shared_forward on) have a direction buffer and share one
+    forward at theta; ZeRO-2 and ZeRO-3 with offload run three separate passes."""
+    shared = zero.stage == 0 or (zero.stage == 3 and zero.shared_forward and not zero.offload_optimizer)
+    return "shared" if shared else "separate"
 
 
 def rank_peak(model: ModelSummary, step: StepShape, zero: ZeroSettings, world: int,
@@ -1091,8 +1103,8 @@ def step_flops(model, method: str, lengths_by_kind: Mapping[str, Sequence[float]
     lengths_by_kind  kind -> the sequence lengths (image positions included) of the step's samples of that
                      kind on this rank, over all micro-batches; `uniform_lengths` builds them
     images_by_kind   kind -> images per sample (default 1)
-    schedule         SARE's: separate (ZeRO: neg at theta, neg at theta + eps*, capability) or shared
-                     (one process: one forward at theta with two backwards, then neg at theta + eps*)
+    schedule         SARE's: separate (ZeRO-2: neg at theta, neg at theta + eps*, capability) or shared
+                     (one process, ZeRO-3: one forward at theta with two backwards, then neg at theta + eps*)
     Per step: FT forwards and backwards the pos + sent samples; EFUF all three kinds once; SARE the
     neg samples twice and pos + sent once (separate), or all once with two backwards and neg once
     more (shared). The LM head is counted at every position (the lengths say nothing of labels).
@@ -1298,8 +1310,8 @@ def format_plan(plan: dict) -> str:
     ]
     acts = plan["activations"]
     gc = "on" if acts["gradient_checkpointing"] else "off"
-    lines.append(f"Passes of one micro-batch under ZeRO (one after the other; each backward frees its activations), "
-                 f"checkpointing {gc}:")
+    lines.append(f"Passes of one micro-batch, separate passes (ZeRO-2, ZeRO-3 + offload; one after the other, each "
+                 f"backward frees its activations), checkpointing {gc}:")
     lines += _pass_lines(acts, m["vocab"])
     lines.append(f"  -> the step's activation peak is the {acts['peak_pass']} pass: {gib(acts['peak'])} GiB")
     other = plan["activations_other_checkpointing"]
@@ -1307,7 +1319,7 @@ def format_plan(plan: dict) -> str:
                  f"{other['peak_pass']} pass)")
     shared = plan["activations_shared"]
     if len(shared["passes"]) != len(acts["passes"]) or st["method"] == "sare":
-        lines.append("One process without DeepSpeed (one forward at theta whose graph serves two backwards):")
+        lines.append("Shared forward (one process, ZeRO-3: one forward at theta whose graph serves two backwards):")
         lines += _pass_lines(shared, m["vocab"])
         lines.append(f"  -> peak: the {shared['peak_pass']} pass, {gib(shared['peak'])} GiB")
     if m["vision_backward"]:
@@ -1318,7 +1330,8 @@ def format_plan(plan: dict) -> str:
     lines.append("Per rank (GiB)                " + "".join(f"{n.replace('.json', ''):>22}" for n in names))
     rows = [("weights", "weights"), ("gathered weights (ZeRO-3)", "gathered"),
             ("fp32 master + AdamW", "master_and_optimizer"), ("gradients", "gradients"),
-            ("DeepSpeed buckets", "buckets"), ("SARE buffers (between passes)", "sare_extra")]
+            ("DeepSpeed buckets", "buckets"), ("SARE direction buffer", "sare_direction"),
+            ("SARE buffers (between passes)", "sare_extra")]
     for label, key in rows:
         lines.append(f"  {label:<28}" + "".join(f"{gib(plan['configs'][n]['state'][key]):>22}" for n in names))
     cpu = [plan["configs"][n]["state"]["cpu_optimizer"] for n in names]
@@ -1351,20 +1364,20 @@ def format_plan(plan: dict) -> str:
     labels = list(flops)
     lines.append("FLOPs per optimizer step per rank (TFLOP)" + "".join(f"{lab:>24}" for lab in labels))
     lines.append(f"{'':<41}" + "".join(f"{'model':>12}{'hardware':>12}" for _ in labels))
-    names = (("ft", "FT"), ("efuf", "EFUF"), ("sare", "SARE, ZeRO (3 passes)"),
-             ("sare_shared", "SARE, one process (shared forward)"))
+    names = (("ft", "FT"), ("efuf", "EFUF"), ("sare", "SARE, separate passes (ZeRO-2)"),
+             ("sare_shared", "SARE, shared forward (ZeRO-3)"))
     for key, label in names:
         lines.append(f"  {label:<39}" + "".join(f"{_tflop(flops[lab][key]['model']):>12}"
                                                 f"{_tflop(flops[lab][key]['hardware']):>12}" for lab in labels))
-    lines.append(f"  {'tokens forwarded (SARE, ZeRO)':<39}" + "".join(f"{flops[lab]['sare']['tokens']:>12,}{'':>12}"
+    lines.append(f"  {'tokens forwarded (SARE, separate)':<39}" + "".join(f"{flops[lab]['sare']['tokens']:>12,}{'':>12}"
                                                                      for lab in labels))
     for lab in labels:
         e = flops[lab]["efuf"]["model"]
         if e:
-            lines.append(f"  {lab}: SARE / EFUF = {flops[lab]['sare']['model'] / e:.2f}x (ZeRO), "
-                         f"{flops[lab]['sare_shared']['model'] / e:.2f}x (one process), model FLOPs")
+            lines.append(f"  {lab}: SARE / EFUF = {flops[lab]['sare']['model'] / e:.2f}x (separate passes), "
+                         f"{flops[lab]['sare_shared']['model'] / e:.2f}x (shared forward), model FLOPs")
     if "unpacked" in flops:
-        ratios = ", ".join(f"{label.split(',')[0] if key != 'sare_shared' else 'SARE one process'} "
+        ratios = ", ".join(f"{label.split(',')[0] if key != 'sare_shared' else 'SARE shared forward'} "
                            f"{flops['unpacked'][key]['model'] / flops['packed'][key]['model']:.2f}x"
                            for key, label in names if flops["packed"][key]["model"])
         lines.append(f"  unpacked / packed (model FLOPs): {ratios}")
@@ -1382,7 +1395,7 @@ def table(rows_of_models: Sequence[tuple[str, ModelSummary, StepShape]], gpus: S
     lines = [head, "|" + "---|" * (2 + len(gpus) * len(memory))]
     needed_lines = ["| model | ds_config | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in gpus) + " |",
                     "|" + "---|" * (2 + len(gpus))]
-    pass_lines = ["| model | peak pass (ZeRO) | rows x tokens | labelled K | loss peak, labelled (MiB) | "
+    pass_lines = ["| model | peak pass (separate passes) | rows x tokens | labelled K | loss peak, labelled (MiB) | "
                   "loss peak, all positions as before (MiB) | activation peak (GiB) |",
                   "|---|---|---|---|---|---|---|"]
     records = []

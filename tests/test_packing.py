@@ -211,14 +211,17 @@ def test_micro_batch_split_does_not_change_the_objective(tiny_model_dir, caption
         assert m["loss/neg"] == pytest.approx(m_whole["loss/neg"], rel=1e-5)
 
 
-@pytest.mark.parametrize("chunks", [1, 5, 48, 100])
-def test_chunked_head_equals_the_logits_in_one_piece(chunks):
-    """chunked_span_sums == span_sums(head(hidden)): values and the gradients of the hidden states and a
-    trainable head, fp32 1e-6, in 1 chunk, a few uneven ones, one per position, more chunks than positions
-    (the last ones empty); and a second backward through the same graph (SARE's shared forward)
-    recomputes the same gradients. The head is called `chunks` times whatever the positions."""
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-fused", "trainable-checkpointed"])
+@pytest.mark.parametrize("chunks", [1, 3, 48, 100])
+def test_chunked_head_equals_the_logits_in_one_piece(chunks, frozen):
+    """chunked_span_sums == span_sums(head(hidden)): values and the gradients of the hidden states (and of a
+    trainable head), fp32 1e-6, in 1 chunk, a few uneven ones, one per position, more chunks than
+    positions (the last ones empty), for both ways: a frozen head (the fused function, gradients in the
+    forward, at least MIN_FUSED_CHUNK positions a chunk) and a trainable one (checkpointed head calls,
+    exactly `chunks` of them, recomputed in each backward). A second backward through the same graph
+    (SARE's shared forward) gives the same gradients again."""
     g = torch.Generator().manual_seed(0)
-    b, k, h, v = 2, 24, 16, 300
+    b, k, h, v = 2, 48, 16, 300
     hidden0 = torch.randn(b, k, h, generator=g)
     targets = torch.randint(0, v, (b, k), generator=g)
     targets[0, :3] = IGNORE_INDEX  # positions without a label (padding of the shorter caption)
@@ -226,25 +229,31 @@ def test_chunked_head_equals_the_logits_in_one_piece(chunks):
     weights[0, :, :3] = 0.0
 
     def run(fn):
-        head = torch.nn.Linear(h, v, bias=False)
+        head = torch.nn.Linear(h, v, bias=True)
+        init = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            head.weight.copy_(torch.randn(v, h, generator=torch.Generator().manual_seed(1)))
+            head.weight.copy_(torch.randn(v, h, generator=init))
+            head.bias.copy_(torch.randn(v, generator=init))
+        head.requires_grad_(not frozen)
         hidden = hidden0.clone().requires_grad_()
         sums = fn(head, hidden)
+        grads = lambda: [hidden.grad.clone()] + ([] if frozen else [head.weight.grad.clone(), head.bias.grad.clone()])
         sums.sum().backward(retain_graph=True)
-        first = (hidden.grad.clone(), head.weight.grad.clone())
+        first = grads()
         (sums * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
-        return sums.detach(), first, (hidden.grad, head.weight.grad)
+        return sums.detach(), first, grads()
 
     ref = run(lambda head, hidden: span_sums(head(hidden), targets, weights))
     calls = []
 
     def counted(head, hidden):
-        handle = head.register_forward_pre_hook(lambda *_: calls.append(1))
-        return chunked_span_sums(head, hidden, targets, weights, chunks), handle
+        head.register_forward_pre_hook(lambda *_: calls.append(1))
+        return chunked_span_sums(head, hidden, targets, weights, chunks)
 
-    got = run(lambda head, hidden: counted(head, hidden)[0])
-    assert len(calls) == 3 * chunks  # the forward, and each of the two backwards recomputes every chunk
+    got = run(counted)
+    # The fused way never calls the module (F.linear on its weight); the checkpointed one calls it in the
+    # forward and again in each of the two backwards, `chunks` times each.
+    assert len(calls) == (0 if frozen else 3 * chunks)
     assert torch.allclose(got[0], ref[0], rtol=1e-6, atol=1e-6)
     for x, y in zip([*got[1], *got[2]], [*ref[1], *ref[2]]):
         assert close(x, y)

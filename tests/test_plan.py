@@ -266,7 +266,12 @@ def test_state_memory_by_zero_stage(meta7b):
     assert s3["weights"] == 2 * (-(-total // 8)) + 2 * meta7b.persistent_params
     assert s3["master_and_optimizer"] == 12 * part and s3["sare_extra"] == 0
     assert so["master_and_optimizer"] == 0 and so["cpu_optimizer"] > 0
-    assert s2["sare_direction"] == s3["sare_direction"] == 0
+    # ZeRO-3's shared forward: a direction buffer like the rank's gradient partition (bf16 accumulation);
+    # ZeRO-2 and offload run the separate passes, without one.
+    assert s3["sare_direction"] == 2 * part and s2["sare_direction"] == so["sare_direction"] == 0
+    assert plan.state_memory(meta7b, z3, 8, method="efuf")["sare_direction"] == 0
+    separate = plan.state_memory(meta7b, dataclasses.replace(z3, shared_forward=False), 8)
+    assert separate["sare_direction"] == 0
     names = [z.name for z in plan.gpu_configs()]
     assert {"zero2_bf16.json", "zero3_bf16.json", "zero3_offload_bf16.json"} <= set(names)
     assert not any("cpu" in n for n in names)
@@ -278,7 +283,9 @@ def test_state_memory_by_zero_stage(meta7b):
     r = plan.rank_peak(meta7b, step, plan.PLAIN, 1)
     assert r["schedule"] == "shared" and r["peak_pass"] == "theta"
     assert r["static"] == pytest.approx(2 * total + 2 * trainable + 4 * trainable + 2 * trainable)
-    assert plan.rank_peak(meta7b, step, z3, 8)["schedule"] == "separate"
+    assert plan.rank_peak(meta7b, step, z3, 8)["schedule"] == "shared"
+    assert plan.rank_peak(meta7b, step, z2, 8)["schedule"] == plan.rank_peak(meta7b, step, off, 8)["schedule"] \
+        == "separate"
 
 
 def _linear_only(model):

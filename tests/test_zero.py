@@ -248,6 +248,14 @@ def test_perturb_restore_bit_identical_on_every_rank(tiny_model_dir, tmp_path):
         assert [r["persistent"] for r in results] == [4, 0, 0]  # projector kept whole / partitioned
         assert [r["shared"] for r in results] == [True, True, False]  # the shared forward, the separate passes
         for r in results:
+            # The direction buffer: one rank's gradient partition (half the trainable elements on 2 ranks, up
+            # to one padding element a tensor), none for the separate passes.
+            if r["shared"]:
+                assert r["direction_numel"] == r["flat_numel"]
+                assert 2 * r["direction_numel"] <= r["trainable_numel"] + 2 * r["trainable_tensors"]
+            else:
+                assert r["direction_numel"] == 0
+        for r in results:
             assert r["perturbed_differs"] and r["restored_identical"] and r["persistent_gathered"], r
             assert r["raised"] and r["after_exception_identical"], r
 

@@ -81,6 +81,12 @@ def run(model_dir: str, threshold: float, shared: bool, info) -> dict:
     if not shared:
         restored_identical = restored_identical and same(seen[2], before)
     persistent_gathered = all(x[1] is not None for x, p in zip(restored[0], tparams) if getattr(p, "ds_persist", False))
+    # SARE's extra memory: the shared forward's direction buffer is one rank's gradient partition (the
+    # optimizer's flat buffer), not the trainable set; the separate passes have none.
+    direction = rt.space._direction
+    buffer = {"direction_numel": 0 if direction is None else direction.numel(),
+              "flat_numel": rt.engine.optimizer.grad_partitions_flat_buffer.numel(),
+              "trainable_numel": sum(p.ds_numel for p in tparams), "trainable_tensors": len(tparams)}
 
 
     before = state(tparams)
@@ -101,7 +107,7 @@ def run(model_dir: str, threshold: float, shared: bool, info) -> dict:
     after_exception_identical = same(state(tparams), before)
     return {"threshold": threshold, "shared": shared, "persistent": persistent, "persistent_gathered": persistent_gathered, "trainable": len(tparams),
             "perturbed_differs": perturbed_differs, "restored_identical": restored_identical,
-            "raised": raised, "after_exception_identical": after_exception_identical}
+            "raised": raised, "after_exception_identical": after_exception_identical, **buffer}
 
 
 def main() -> None:

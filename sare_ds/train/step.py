@@ -125,18 +125,22 @@ class UnlearningStep:
                              "the model's own head in one piece")
         self.head_chunks = head_chunks if self.keep_logits else 0
         self.head = output_head(model) if self.head_chunks else None
-        # A ZeRO-3-partitioned head needs torch's reentrant checkpoint (losses.chunked_span_sums).
-        self.head_reentrant = self.head is not None and any(hasattr(p, "ds_id") for p in self.head.parameters())
+        # A ZeRO-3-partitioned head is called a fixed number of times, checkpointed (losses.chunked_span_sums).
+        self.head_partitioned = self.head is not None and any(hasattr(p, "ds_id") for p in self.head.parameters())
         self._last_losses: dict[str, torch.Tensor] = {}
+        self.head_positions = 0
+        """Positions the LM head has computed logits for, over all forwards (a host count; the bench reads it)."""
 
     # -- one forward: per-kind sums of span NLLs -----------------------------------------
     def _sums(self, batch: dict) -> torch.Tensor:
         batch = to_device(batch, self.device, self.dtype)
         keep = batch["keep"]
+        rows = batch["input_ids"].shape[0]
+        self.head_positions += rows * (keep.numel() if self.keep_logits else batch["input_ids"].shape[1])
         if self.head_chunks:
             out = self.model(**self.forward_inputs(batch), logits_to_keep=keep[:0], output_hidden_states=True)
             return chunked_span_sums(self.head, out.hidden_states[-1][:, keep], batch["targets"], batch["weights"],
-                                     self.head_chunks, reentrant=self.head_reentrant)
+                                     self.head_chunks, partitioned=self.head_partitioned)
         if self.keep_logits:
             logits = self.model(**self.forward_inputs(batch), logits_to_keep=keep).logits
         else:
