@@ -23,6 +23,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 import sare_ds  # noqa: F401  (torchvision guard before transformers)
 from sare_ds.eval.distributed import rank_and_world
 from sare_ds.eval.evaluate import EvalConfig, EvalData
+from sare_ds.eval.images import read_image_list
 from sare_ds.eval.pope import packaged_pope_files
 from sare_ds.eval.runs import parse_runs
 from sare_ds.eval.suite import AttackConfig, run_attack_suite
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--captions", nargs="*", default=[])
     ap.add_argument("--image-dir")
     ap.add_argument("--pope", nargs="*", default=[], help="`packaged` or split=file ... (unattacked models only)")
+    ap.add_argument("--images", help="COCO image ids to caption, one a line (default: the 500 images of the shipped "
+                                     "POPE files)")
     ap.add_argument("--out", default="runs/report")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     groups = {"eval": EvalConfig, "attack": AttackConfig}
@@ -58,6 +61,14 @@ def main() -> None:
             ap.add_argument(flag, dest=f"{prefix}__{f.name}", type=_flag_type(default), default=default)
     a = ap.parse_args()
     methods = parse_runs(a.method, "--method")  # before any model loads: a bad value fails fast
+    cfgs = {p: cls(**{f.name: getattr(a, f"{p}__{f.name}") for f in dataclasses.fields(cls)}) for p, cls in groups.items()}
+    if a.images and a.scenes:
+        ap.error("--images: a scene eval set (--scenes) captions all its own images; drop --images")
+    try:
+        images = read_image_list(a.images) if a.images else None
+    except (ValueError, OSError) as e:
+        ap.error(str(e))
+    chair_mode = cfgs["eval"].chair_mode
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from sare_ds.dist import init_distributed
 
@@ -69,11 +80,10 @@ def main() -> None:
             write_scene_eval_set(a.scenes, a.scene_images, seed=1)
         if rank_and_world()[1] > 1:
             torch.distributed.barrier()  # the other ranks read what rank 0 wrote
-        data = EvalData.from_eval_set(Path(a.scenes) / "eval_set.json")
+        data = EvalData.from_eval_set(Path(a.scenes) / "eval_set.json", chair_mode=chair_mode)
     else:
         pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
-        data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope)
-    cfgs = {p: cls(**{f.name: getattr(a, f"{p}__{f.name}") for f in dataclasses.fields(cls)}) for p, cls in groups.items()}
+        data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope, images=images, chair_mode=chair_mode)
     run_attack_suite(methods, data, cfgs["attack"], eval_cfg=cfgs["eval"], out_dir=a.out, base=a.base)
     if rank_and_world()[0] == 0:  # only rank 0 wrote the report
         print((Path(a.out) / "report.md").read_text())

@@ -5,12 +5,14 @@
         --scenes runs/toy/scenes/eval
     # a model sharded over the ranks (ZeRO-3 inference; every rank joins every forward):
     deepspeed --num_gpus 8 launch/evaluate.py --run sare=runs/sare --synced-gpus true ...
-    # LLaVA-1.5 on COCO val2014 (see docs/evaluation.md), 2 GPUs:
+    # LLaVA-1.5 on COCO val2014 in the published setting (see docs/evaluation.md), 2 GPUs:
     deepspeed --num_gpus 2 launch/evaluate.py --base llava-hf/llava-1.5-7b-hf --run sare=runs/sare \
         --instances annotations/instances_val2014.json --captions annotations/captions_val2014.json \
-        --image-dir val2014 --pope packaged --num-images 500 --max-new-tokens 512 --out runs/eval
+        --image-dir val2014 --protocol coco-chair-pope --out runs/eval
+    # other images: --images my_ids.txt (COCO ids, one a line; default: the 500 POPE images)
 
-Writes <out>/<name>/{eval.json, eval.md, captions.jsonl, pope_<split>.jsonl} and <out>/summary.md.
+Writes <out>/<name>/{eval.json, eval.md, captions.jsonl, pope_<split>.jsonl} and <out>/summary.md;
+eval.json records the protocol, the CHAIR mode and the image ids.
 Several ranks: start with `deepspeed` (or mpirun); torchrun's own parser takes `--run` for its
 `--run-path` option. Only wires sare_ds.eval together.
 """
@@ -26,7 +28,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 import sare_ds  # noqa: F401  (torchvision guard before transformers)
 from sare_ds.eval.distributed import rank_and_world
 from sare_ds.eval.evaluate import EvalConfig, EvalData, evaluate_run, markdown_table, summary_row
+from sare_ds.eval.images import read_image_list
 from sare_ds.eval.pope import packaged_pope_files
+from sare_ds.eval.protocol import ProtocolError, load_protocol
 from sare_ds.eval.runs import parse_runs
 
 
@@ -41,6 +45,10 @@ def main() -> None:
     ap.add_argument("--image-dir", help="folder of the captioned images")
     ap.add_argument("--pope", nargs="*", default=[], help="`packaged` (COCO splits) or split=file ... ")
     ap.add_argument("--pope-image-dir", help="folder of the POPE images (default: --image-dir)")
+    ap.add_argument("--images", help="COCO image ids to caption, one a line (default: the 500 images of the "
+                                     "shipped POPE files, `pope-coco-val2014-500`)")
+    ap.add_argument("--protocol", help="`coco-chair-pope` (the published setting) or a protocol .json: fixes "
+                                       "prompt, decoding, tokens, images, CHAIR mode and POPE splits")
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     for name, f in EvalConfig.__dataclass_fields__.items():
@@ -48,6 +56,21 @@ def main() -> None:
                         (lambda s: s.lower() in ("1", "true", "yes")), default=f.default)
     a = ap.parse_args()
     runs = parse_runs(a.run or ["base"], "--run")  # before any model loads: a bad value fails fast
+    cfg = EvalConfig(**{k: getattr(a, k) for k in EvalConfig.__dataclass_fields__})
+    try:
+        protocol, images = (load_protocol(a.protocol) if a.protocol else None), None
+        if protocol is not None:
+            if a.scenes or a.images or a.pope not in ([], ["packaged"]):
+                ap.error(f"--protocol {protocol.name} fixes the images and POPE files (COCO val2014, packaged POPE); "
+                         "drop --scenes / --images / --pope, or drop --protocol")
+            cfg = protocol.apply(cfg, {k: v for k, v in vars(cfg).items() if v != getattr(EvalConfig(), k)})
+            images, a.pope = protocol.images(), ["packaged"]
+        elif a.images:
+            if a.scenes:
+                ap.error("--images: a scene eval set (--scenes) captions all its own images; drop --images")
+            images = read_image_list(a.images)
+    except (ProtocolError, ValueError, OSError) as e:
+        ap.error(str(e))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from sare_ds.dist import init_distributed
 
@@ -60,14 +83,17 @@ def main() -> None:
             write_scene_eval_set(a.scenes, a.scene_images, seed=1)
         if rank_and_world()[1] > 1:
             torch.distributed.barrier()  # the other ranks read what rank 0 wrote
-        data = EvalData.from_eval_set(eval_set)
+        data = EvalData.from_eval_set(eval_set, chair_mode=cfg.chair_mode)
     else:
         pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
-        data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope, a.pope_image_dir)
-    cfg = EvalConfig(**{k: getattr(a, k) for k in EvalConfig.__dataclass_fields__})
+        if protocol is not None:
+            pope = {split: pope[split] for split in protocol.data["pope"]["splits"]}
+        data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope, a.pope_image_dir, images=images,
+                                   chair_mode=cfg.chair_mode)
     rows = {}
     for name, run_dir in runs.items():
-        result = evaluate_run(run_dir, data, cfg=cfg, base=a.base, out_dir=Path(a.out) / name, name=name)
+        result = evaluate_run(run_dir, data, cfg=cfg, base=a.base, out_dir=Path(a.out) / name, name=name,
+                              protocol=protocol)
         rows[name] = summary_row(result)
     if rank_and_world()[0] == 0:  # every rank holds the same results; one writes
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,19 @@
 """CHAIR's object vocabulary, offline: which COCO categories a caption mentions, and where.
 
-    vocab = CocoVocabulary.default()
+    vocab = chair_vocabulary("reference")    # the published script's extraction (the default)
+    vocab = chair_vocabulary("corrected")    # CocoVocabulary: sare_ds's corrected extraction
     vocab.objects("Two puppies and a hot dog on a dining table.")   # ['dog', 'hot dog', 'dining table']
     vocab.mentions("A baby bird.")   # [Mention(category='bird', word='baby bird', start=2, end=11)]
 
-What counts as a mention follows CHAIR (Rohrbach et al. 2018; docs/method.md section 2,
-docs/evaluation.md). Two data files hold the rules, this module only applies them:
+Two CHAIR modes (docs/evaluation.md, "CHAIR modes"):
+
+- `reference` (sare_ds.eval.chair_reference.ReferenceVocabulary): the published CHAIR script's
+  `caption_to_words`, quirks included, so numbers can stand beside published ones;
+- `corrected` (`CocoVocabulary`, this module): the same CHAIR rules with the script's accidents
+  fixed. Its numbers are NOT comparable with published CHAIR numbers and are always reported
+  under the mode's name.
+
+`CocoVocabulary` reads two data files and only applies them:
 
 - `resources/coco_synonyms.txt`: one line per COCO category, the category first, then its
   synonyms; every entry names that category.
@@ -19,12 +27,17 @@ tokens separated only by white space become one unit when a rule or a two-word s
 them (scanned left to right, a token joins at most one pair); units that name a category are
 the mentions.
 
-Where this differs from the reference script, on purpose (all listed in docs/evaluation.md):
-synonym entries are stripped of spaces and lower-cased (the reference kept " motor bike"
-with its leading space, so it never matched, and "iPhone" never matched lower-cased text);
-singularisation is a small rule set aimed at the vocabulary (no pattern/nltk download);
-two tokens only merge when nothing but white space separates them ("hot, dog" is two words,
-as nltk's tokenizer would also have split on the comma).
+What `corrected` changes against the published script (each a mention the script misses or
+invents; all listed in docs/evaluation.md):
+synonym entries are stripped of spaces and lower-cased (the script kept " motor bike" and
+" cheesecake" with a leading space and "iPhone" with a capital, so they never matched);
+singularisation aims at the vocabulary instead of pattern.en ("bus", "minibus", "airbus" stay
+buses and planes, "ties" is tie, "canoes" canoe, "doggies" doggie; "skies" is sky, not skis,
+and "manes" no man: -es is only cut after s, x, z, ch, sh and o);
+words are letters and digits, so a missing space ("boat.There"), an apostrophe without a space
+("elephants'harnesses") or a zero-width space does not hide a word, while "o'clock" is one word
+(no clock); two tokens only merge when nothing but white space separates them ("hot, dog" is
+two words, as nltk's tokenizer would also have split on the comma).
 """
 from __future__ import annotations
 
@@ -43,11 +56,20 @@ IRREGULAR_PLURALS = {
 }
 # Suffix rules, tried in order; a candidate is only accepted if it is a vocabulary word, so
 # "horses" -> "hors" (rejected) -> "horse" (accepted), "buses" -> "bus", "puppies" -> "puppy".
-SUFFIX_RULES = (("men", "man"), ("ies", "y"), ("ves", "f"), ("ves", "fe"), ("es", ""), ("s", ""))
+# A word ending in -ies only tries -y and -ie ("ties" -> "tie", "doggies" -> "doggie"): the
+# shorter cuts would turn "skies" into "ski", a COCO object (skis) no sky is.
+SUFFIX_RULES = (("men", "man"), ("ies", "y"), ("ies", "ie"), ("ves", "f"), ("ves", "fe"), ("es", ""), ("s", ""))
 
 # A word: letters/digits, hyphenated compounds kept whole ("t-shirt", as nltk keeps them);
-# apostrophes split ("dog's" -> "dog", "s"), as nltk splits off "'s".
-_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
+# apostrophes split ("dog's" -> "dog", "s"), as nltk splits off "'s", except in "o'clock",
+# one word that names no clock.
+_WORD = re.compile(r"\bo['’]clock\b|[^\W_]+(?:-[^\W_]+)*", re.IGNORECASE)
+
+# Endings after which a plural takes -es ("buses", "boxes", "benches", "brushes", "buffaloes").
+_ES_STEMS = ("s", "x", "z", "ch", "sh", "o")
+
+CHAIR_MODES = ("reference", "corrected")
+"""`reference`: the published CHAIR script's extraction; `corrected`: CocoVocabulary (not comparable)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +163,9 @@ _UNJOINED = object()
 
 
 class CocoVocabulary:
-    """The 80 COCO categories, their synonyms and CHAIR's two-word rules."""
+    """The 80 COCO categories, their synonyms and CHAIR's two-word rules (CHAIR mode `corrected`)."""
+
+    mode = "corrected"
 
     def __init__(self, synonym_lines: list[list[str]], source: str = "<lines>", rules: PairRules | None = None):
         self.source = source
@@ -198,10 +222,15 @@ class CocoVocabulary:
         if irregular is not None:
             return irregular
         for suffix, replacement in SUFFIX_RULES:
-            if word.endswith(suffix) and len(word) > len(suffix) + 1:
-                candidate = word[: -len(suffix)] + replacement
-                if candidate in self._known_words:
-                    return candidate
+            if word.endswith("ies") and suffix != "ies":
+                continue  # an -ies plural is -y or -ie, never cut shorter (SUFFIX_RULES)
+            if not word.endswith(suffix):
+                continue
+            candidate = word[: -len(suffix)] + replacement
+            if len(candidate) < 2 or (suffix == "es" and not candidate.endswith(_ES_STEMS)):
+                continue  # "-es" only follows s, x, z, ch, sh, o: "manes" is no plural of "man"
+            if candidate in self._known_words:
+                return candidate
         return word
 
     def category_of(self, name: str) -> str | None:
@@ -247,6 +276,24 @@ class CocoVocabulary:
     def objects(self, caption: str) -> list[str]:
         """Unique categories mentioned, in order of first mention."""
         return list(dict.fromkeys(m.category for m in self.mentions(caption)))
+
+
+def chair_vocabulary(mode: str = "reference"):
+    """The packaged object extractor of a CHAIR mode (cached): ReferenceVocabulary or CocoVocabulary."""
+    check_chair_mode(mode)
+    if mode == "corrected":
+        return CocoVocabulary.default()
+    from sare_ds.eval.chair_reference import ReferenceVocabulary  # needs nltk; imported on demand
+
+    return ReferenceVocabulary.default()
+
+
+def check_chair_mode(mode: str, what: str = "chair mode") -> str:
+    """`mode` if it is one of CHAIR_MODES, else a ValueError naming the value and the choices."""
+    if mode not in CHAIR_MODES:
+        raise ValueError(f"{what} {mode!r} is not a CHAIR mode; use `reference` (the published script, "
+                         "comparable with published numbers) or `corrected` (sare_ds's fixes, not comparable)")
+    return mode
 
 
 @lru_cache(maxsize=1)

@@ -122,6 +122,10 @@ def test_evaluate_and_attack_clis_end_to_end(tiny_model_dir, tmp_path, monkeypat
     assert result["captions"]["num_captions"] == 4 and result["pope"]["splits"]["random"]["num_questions"] == 6
     assert len((out / "base" / "captions.jsonl").read_text().splitlines()) == 4
     assert (out / "summary.md").read_text().startswith("| model | CHAIR_S")
+    # the setting is recorded: CHAIR mode, the scene set's own images, no protocol
+    assert result["chair_mode"] == "reference" and result["captions"]["chair_mode"] == "reference"
+    assert result["images"]["name"] == "scene eval set: all images" and result["images"]["count"] == 4
+    assert result["protocol"] is None and "CHAIR mode: reference" in (out / "base" / "eval.md").read_text()
 
     report = tmp_path / "report"
     _run_cli("launch/attack.py", ["--base", str(tiny_model_dir), "--method", "base=base", *common, "--out", str(report),
@@ -133,7 +137,8 @@ def test_evaluate_and_attack_clis_end_to_end(tiny_model_dir, tmp_path, monkeypat
     assert {"none", "lora", "adversarial", "probe"} <= set(data)
     assert len(data["adversarial"]["per_prompt"]) == 6
     table = (report / "report.md").read_text()
-    assert "relearn n=8 CHAIR_S" in table and "| base |" in table
+    assert "relearn n=8 CHAIR_S" in table and "| base |" in table and "CHAIR mode: reference" in table
+    assert json.loads((report / "config.json").read_text())["images"]["count"] == 4
     for png in ("relearn_curve.png", "landscape.png"):
         assert (report / png).stat().st_size > 1000
 

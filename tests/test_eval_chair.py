@@ -79,3 +79,47 @@ def test_no_caption_with_ground_truth_is_an_error_not_a_perfect_score(truth):
     with pytest.raises(ValueError, match="skipped 1.*in the annotation files"):
         chair([{"image_id": 99, "caption": "A cat."}], truth)
     assert chair([], truth)["num_captions"] == 0  # nothing to score is not a mismatch
+
+
+def test_modes_score_by_hand_and_ground_truth_uses_the_same_extractor(tmp_path):
+    # image 1: instances have a bus; its reference caption says "a bus" (no object for the script)
+    images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}]
+    inst = {"images": images, "categories": [{"id": 6, "name": "bus"}, {"id": 1, "name": "person"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 6}]}
+    caps = {"images": images, "annotations": [{"id": 1, "image_id": 1, "caption": "A man next to a bus."},
+                                              {"id": 2, "image_id": 2, "caption": "Ties and canoes on a bus."}]}
+    (tmp_path / "i.json").write_text(json.dumps(inst))
+    (tmp_path / "c.json").write_text(json.dumps(caps))
+    truth = CocoTruth.from_files([tmp_path / "i.json"], [tmp_path / "c.json"])
+    assert truth.chair_mode == "reference"
+    assert truth.objects == {1: {"bus", "person"}, 2: set()}          # the script finds nothing in image 2's caption
+    corrected = truth.for_mode("corrected")
+    assert corrected.objects == {1: {"bus", "person"}, 2: {"tie", "boat", "bus"}}
+    records = [{"image_id": 1, "caption": "Two buses, a bus and a dog."},   # reference: bus, dog; corrected: bus x2, dog
+               {"image_id": 2, "caption": "A canoe and a tie."}]            # reference: boat, tie (both hallucinated)
+    ref = chair(records, truth)
+    assert ref["chair_mode"] == "reference"
+    assert ref["CHAIR_S"] == pytest.approx(1.0)                  # both captions hallucinate
+    assert ref["CHAIR_I"] == pytest.approx(3 / 4)                # dog, boat, tie of bus, dog, boat, tie
+    assert ref["recall"] == pytest.approx(1 / 2)                 # bus of {bus, person}; image 2 has no truth
+    assert ref["captions"][0]["words"] == [["buses", "bus"], ["dog", "dog"]]
+    cor = chair(records, corrected)
+    assert cor["chair_mode"] == "corrected"
+    assert cor["CHAIR_S"] == pytest.approx(1 / 2)                # image 2's truth now has boat and tie
+    assert cor["CHAIR_I"] == pytest.approx(1 / 5)                # dog of bus, bus, dog, boat, tie
+    assert cor["recall"] == pytest.approx((1 + 2) / (2 + 3))
+    from sare_ds.objects import chair_vocabulary
+
+    with pytest.raises(ValueError, match="differs from the ground truth's 'reference'"):
+        chair(records, truth, chair_vocabulary("corrected"))
+
+
+def test_image_list_fixes_the_captioned_images(truth):
+    from sare_ds.eval.images import ImageList
+
+    chosen = truth.restricted_to(ImageList("two", (3, 1), "test"))
+    assert [i for i, _ in chosen.image_paths("imgs")] == [3, 1]
+    assert chosen.image_paths("imgs", limit=1) == [(3, chosen.image_paths("imgs")[0][1])]
+    assert chosen.objects[2] == {"person", "horse"}  # scoring still knows every image
+    with pytest.raises(ValueError, match=r"1 of its 2 images \(e.g. \[99\]\) are not in the annotation files.*--images"):
+        truth.restricted_to(ImageList("bad", (1, 99), "test"))

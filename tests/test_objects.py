@@ -118,3 +118,18 @@ def test_custom_rule_file_and_bad_rule_file(tmp_path):
         PairRules.from_file(path)
     with pytest.raises(FileNotFoundError, match="rule file"):
         PairRules.from_file(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("caption, expected", [
+    # corrected mode's fixes of the published script's accidents (the script: docs/evaluation.md)
+    ("A bus, a minibus and an Airbus.", ["bus", "airplane"]),
+    ("Ties, bow ties, canoes and two doggies.", ["tie", "boat", "dog"]),
+    ("Blue skies above a pair of skis.", ["skis"]),                       # skies is no ski
+    ("At ten o'clock and at nine o’clock.", []),                         # o'clock is no clock
+    ("A small boat.There is an elephants'harness and a\u200bcat.", ["boat", "elephant", "cat"]),
+    ("The horses'manes.", ["horse"]),                                     # manes is no man
+    ("An iPhone, cheesecake and a motor bike.", ["cell phone", "cake", "motorcycle"]),
+])
+def test_corrected_mode_fixes(vocab, caption, expected):
+    assert vocab.mode == "corrected"
+    assert vocab.objects(caption) == expected

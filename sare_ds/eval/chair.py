@@ -1,25 +1,43 @@
 """CHAIR (Rohrbach et al. 2018): how many captions / object mentions are hallucinated.
 
     result = chair([{"image_id": 1, "caption": "A dog on a sofa."}], truth)
-    result["CHAIR_S"], result["CHAIR_I"], result["captions"][0]["hallucinated"]
+    result["CHAIR_S"], result["CHAIR_I"], result["chair_mode"], result["captions"][0]["hallucinated"]
 
+The objects of a caption come from the extractor of the ground truth's CHAIR mode
+(`truth.chair_mode`: `reference` = the published script, `corrected` = sare_ds's fixes, see
+sare_ds/objects.py); the result names the mode, and numbers of the two modes must never share
+a table column (only `reference` compares with published numbers).
+The counting is the published script's `compute_chair` (with the extended script's recall):
 CHAIR_S = captions with >= 1 hallucinated object / captions;
 CHAIR_I = hallucinated object mentions / all object mentions (a category mentioned twice
 counts twice, as in the reference). A mention is hallucinated when its category is not in the
 image's ground truth (COCO instances + objects of its reference captions; see coco.py).
 Recall (also from the reference's extended script) = ground-truth categories mentioned /
-ground-truth categories. Captions of images without ground truth are skipped and counted;
-if that is every caption, chair raises (0.0 would read as a perfect score).
+ground-truth categories. Per caption, CHAIR_I = its hallucinated mentions / its mentions (0 when
+it has none), as the script writes it.
+
+One deliberate difference from the script: a caption whose image is not in the annotation files
+at all is skipped and counted (the script would score it against an empty object set, every
+mention a hallucination); if that is every caption, chair raises (0.0 would read as a perfect
+score). Images that are in the files but have no object are scored, as by the script.
 """
 from __future__ import annotations
 
 from sare_ds.eval.coco import CocoTruth
-from sare_ds.objects import CocoVocabulary
+from sare_ds.objects import chair_vocabulary
 
 
-def chair(records: list[dict], truth: CocoTruth, vocab: CocoVocabulary | None = None) -> dict:
-    """records: [{"image_id", "caption"}]; returns the scores and one entry per scored caption."""
-    vocab = vocab or CocoVocabulary.default()
+def chair(records: list[dict], truth: CocoTruth, vocab=None) -> dict:
+    """records: [{"image_id", "caption"}]; returns the scores and one entry per scored caption.
+
+    `vocab` defaults to the extractor of `truth.chair_mode`; one of another mode is an error,
+    because the ground truth must be found by the same extractor as the captions' objects.
+    """
+    vocab = vocab or chair_vocabulary(truth.chair_mode)
+    if getattr(vocab, "mode", None) != truth.chair_mode:
+        raise ValueError(f"chair: the extractor's mode {getattr(vocab, 'mode', None)!r} differs from the ground "
+                         f"truth's {truth.chair_mode!r}; the reference captions must be read by the same "
+                         "extractor: pass truth.for_mode(<mode>) and that mode's vocabulary, or no vocab")
     per_caption, skipped = [], 0
     n_mentions = n_hallucinated_mentions = n_hallucinated_captions = 0
     n_truth = n_recalled = 0
@@ -43,6 +61,7 @@ def chair(records: list[dict], truth: CocoTruth, vocab: CocoVocabulary | None = 
             "mentioned": mentioned,
             "grounded": grounded,
             "hallucinated": list(dict.fromkeys(m.category for m in hallucinated_mentions)),
+            "words": [[m.word, m.category] for m in mentions],
             "hallucinated_words": [[m.word, m.category, m.start, m.end] for m in hallucinated_mentions],
             "ground_truth": sorted(gt),
             "CHAIR_S": int(bool(hallucinated_mentions)),
@@ -52,6 +71,7 @@ def chair(records: list[dict], truth: CocoTruth, vocab: CocoVocabulary | None = 
     if records and not per_caption:
         raise ValueError(_no_ground_truth_message(records, truth))
     return {
+        "chair_mode": truth.chair_mode,
         "CHAIR_S": n_hallucinated_captions / n if n else 0.0,
         "CHAIR_I": n_hallucinated_mentions / n_mentions if n_mentions else 0.0,
         "recall": n_recalled / n_truth if n_truth else 0.0,

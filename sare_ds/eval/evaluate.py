@@ -1,9 +1,12 @@
 """Evaluate one model: captions (CHAIR, BLEU, perplexity, length, throughput) and POPE.
 
-    data = EvalData.from_paths(instances=[...], captions=[...], image_dir="val2014")
-    result = evaluate_model(adapter, data, EvalConfig(num_images=500))
+    data = EvalData.from_paths(instances=[...], captions=[...], image_dir="val2014")   # the 500 POPE images
+    result = evaluate_model(adapter, data, EvalConfig())            # CHAIR mode reference
     evaluate_run("runs/toy/runs/sare", EvalData.from_eval_set("runs/toy/scenes/eval/eval_set.json"))
 
+The captioned images are a fixed list (sare_ds.eval.images): by default the 500 val2014 images
+of the shipped POPE files, or any list of COCO ids; a scene evaluation set captions all its
+images. Every result records the list, the CHAIR mode and the protocol (if one was used).
 Images are spread over ranks when torch.distributed is initialised (see distributed.py);
 every rank returns the same full result, rank 0 writes the files.
 """
@@ -12,25 +15,30 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sare_ds.config import EFUF_CAPTION_PROMPT
 from sare_ds.eval.chair import chair
 from sare_ds.eval.coco import CocoTruth, load_image
 from sare_ds.eval.distributed import distributed_map, rank_and_world
+from sare_ds.eval.images import ImageList, all_images, pope_image_list
 from sare_ds.eval.pope import load_questions, mean_over_splits, parse_answer, pope_metrics
 from sare_ds.eval.quality import bleu, mean_length, perplexity_from_sums, token_nll_sums
 from sare_ds.models.generate import generate_responses
-from sare_ds.objects import CocoVocabulary
+from sare_ds.objects import check_chair_mode
 
 
 @dataclass
 class EvalConfig:
     caption_prompt: str = EFUF_CAPTION_PROMPT
     """Prompt of the captions CHAIR and BLEU score (EFUF's evaluation prompt)."""
+    chair_mode: str = "reference"
+    """CHAIR's object extraction: `reference` (the published script, comparable with published numbers) or
+    `corrected` (sare_ds's fixes; NOT comparable, reported under its own name). See docs/evaluation.md."""
     num_images: int = 0
-    """Caption this many images (the first of the annotation file; 0: all). CHAIR papers use 500."""
+    """Quick looks only: caption the first N images of the image list (0: the whole list, as protocols do).
+    Which images are captioned is the image list's business (EvalData.images, --images FILE)."""
     max_new_tokens: int = 128
     """Longest generated caption in tokens (EFUF-style long captions need 512 for 100+ words)."""
     batch_size: int = 8
@@ -60,20 +68,35 @@ class EvalData:
     pope_image_dir: Path | None = None
     """Folder of the POPE images (default: image_dir)."""
 
+    @property
+    def images(self) -> ImageList | None:
+        """The captioned images (the ground truth's image list)."""
+        return self.truth.image_list if self.truth is not None else None
+
     @classmethod
     def from_paths(cls, instances=(), captions=(), image_dir=None, pope_files=None, pope_image_dir=None,
-                   vocab: CocoVocabulary | None = None) -> "EvalData":
-        truth = CocoTruth.from_files(list(instances), list(captions), vocab) if (instances or captions) else None
+                   images: ImageList | None = None, chair_mode: str = "reference") -> "EvalData":
+        """COCO-format files; `images` None: the 500 images of the shipped POPE files (POPE_IMAGE_LIST)."""
+        truth = CocoTruth.from_files(list(instances), list(captions), chair_mode) if (instances or captions) else None
         if truth is not None and image_dir is None:
             raise ValueError("EvalData: annotation files given without image_dir; pass the folder of the images")
+        if truth is not None:
+            truth = truth.restricted_to(images if images is not None else pope_image_list())
         return cls(truth, Path(image_dir) if image_dir else None, {k: Path(v) for k, v in (pope_files or {}).items()},
                    Path(pope_image_dir) if pope_image_dir else (Path(image_dir) if image_dir else None))
 
     @classmethod
-    def from_eval_set(cls, path: str | Path) -> "EvalData":
-        """The eval_set.json written by sare_ds.eval.scenes.write_scene_eval_set."""
+    def from_eval_set(cls, path: str | Path, chair_mode: str = "reference") -> "EvalData":
+        """The eval_set.json written by sare_ds.eval.scenes.write_scene_eval_set: all of its images."""
         p = json.loads(Path(path).read_text())
-        return cls.from_paths([p["instances"]], [p["captions"]], p["image_dir"], p.get("pope"))
+        truth = CocoTruth.from_files([p["instances"]], [p["captions"]], chair_mode)
+        images = all_images(truth, "scene eval set: all images", str(path))
+        return cls.from_paths([p["instances"]], [p["captions"]], p["image_dir"], p.get("pope"), images=images,
+                              chair_mode=chair_mode)
+
+    def with_chair_mode(self, mode: str) -> "EvalData":
+        """The same data with ground truth found by CHAIR mode `mode`'s extractor."""
+        return self if self.truth is None else replace(self, truth=self.truth.for_mode(mode))
 
 
 def generate_captions(adapter, data: EvalData, cfg: EvalConfig, prompt: str | None = None) -> tuple[list[dict], dict]:
@@ -99,9 +122,10 @@ def generate_for_items(adapter, items: list[tuple], cfg: EvalConfig) -> tuple[li
                      "tokens_per_s": tokens / seconds if seconds else 0.0, "generated_tokens": tokens}
 
 
-def caption_metrics(records: list[dict], data: EvalData, vocab: CocoVocabulary | None = None) -> dict:
-    """CHAIR, BLEU and mean length of generated captions (no model needed)."""
-    scores = chair(records, data.truth, vocab)
+def caption_metrics(records: list[dict], data: EvalData, chair_mode: str | None = None) -> dict:
+    """CHAIR (in `chair_mode`, default the ground truth's), BLEU and mean length of generated captions."""
+    truth = data.truth.for_mode(chair_mode) if chair_mode else data.truth
+    scores = chair(records, truth)
     refs = [data.truth.captions.get(r["image_id"], []) for r in records]
     return {**{k: v for k, v in scores.items() if k != "captions"},
             **bleu([r["caption"] for r in records], refs),
@@ -157,10 +181,18 @@ def pope_eval(adapter, data: EvalData, cfg: EvalConfig) -> dict:
     return {"splits": per_split, "mean": mean_over_splits(per_split), "answers": answers}
 
 
-def evaluate_model(adapter, data: EvalData, cfg: EvalConfig | None = None) -> dict:
-    """All metrics of one model; per-item records under "per_caption" and "pope"/"answers"."""
+def evaluate_model(adapter, data: EvalData, cfg: EvalConfig | None = None, protocol=None) -> dict:
+    """All metrics of one model; per-item records under "per_caption" and "pope"/"answers".
+
+    The result records the CHAIR mode, the image list and the protocol (a sare_ds.eval.protocol
+    Protocol, or None for hand-picked settings).
+    """
     cfg = cfg or EvalConfig()
-    result: dict = {"config": asdict(cfg)}
+    check_chair_mode(cfg.chair_mode, "EvalConfig.chair_mode")
+    data = data.with_chair_mode(cfg.chair_mode)
+    result: dict = {"config": asdict(cfg), "chair_mode": cfg.chair_mode,
+                    "protocol": protocol.to_json() if protocol is not None else None,
+                    "images": dict(data.images.to_json(), limit=cfg.num_images) if data.images else None}
     if data.truth is not None:
         records, speed = generate_captions(adapter, data, cfg)
         result["captions"] = {**caption_metrics(records, data), **speed}
@@ -171,12 +203,20 @@ def evaluate_model(adapter, data: EvalData, cfg: EvalConfig | None = None) -> di
     return result
 
 
+def chair_column(metric: str, mode: str) -> str:
+    """Table column of a CHAIR metric: plain in mode reference, suffixed in mode corrected, so a table
+    never puts a corrected number under a published-comparable heading."""
+    return metric if mode == "reference" else f"{metric} ({mode})"
+
+
 def summary_row(result: dict) -> dict:
     """The headline numbers of an evaluate_model result (percentages where papers use them)."""
     row = {}
     cap = result.get("captions")
     if cap:
-        row.update({"CHAIR_S": 100 * cap["CHAIR_S"], "CHAIR_I": 100 * cap["CHAIR_I"], "recall": 100 * cap["recall"],
+        mode = cap.get("chair_mode", "reference")
+        row.update({chair_column("CHAIR_S", mode): 100 * cap["CHAIR_S"], chair_column("CHAIR_I", mode): 100 * cap["CHAIR_I"],
+                    chair_column("recall", mode): 100 * cap["recall"],
                     "BLEU-1": 100 * cap["BLEU-1"], "BLEU-2": 100 * cap["BLEU-2"], "BLEU-4": 100 * cap["BLEU-4"],
                     "length": cap["mean_length_words"], "tokens/s": cap["tokens_per_s"]})
         if "perplexity" in cap:
@@ -212,6 +252,7 @@ def write_evaluation(result: dict, out_dir: str | Path, name: str = "model") -> 
     for split, rows in answers.items():
         (out_dir / f"pope_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = [f"# Evaluation of {name}", "", markdown_table({name: summary_row(result)}), ""]
+    text.append(describe_setting(result))
     for split, m in result.get("pope", {}).get("splits", {}).items():
         text.append(f"- POPE {split}: accuracy {100 * m['accuracy']:.2f}, precision {100 * m['precision']:.2f}, "
                     f"recall {100 * m['recall']:.2f}, F1 {100 * m['f1']:.2f}, yes {100 * m['yes_ratio']:.2f} "
@@ -220,8 +261,27 @@ def write_evaluation(result: dict, out_dir: str | Path, name: str = "model") -> 
     return out_dir
 
 
+def describe_setting(result: dict) -> str:
+    """One Markdown paragraph: protocol, CHAIR mode and images of a result."""
+    protocol = result.get("protocol")
+    lines = [f"- Protocol: {protocol['name']} ({protocol.get('source', '')})" if protocol else
+             "- Protocol: none (settings in eval.json `config`; compare only with results of the same settings)"]
+    mode = result.get("chair_mode", "reference")
+    lines.append(f"- CHAIR mode: {mode}" + (" (the published CHAIR script; comparable with published numbers)"
+                                             if mode == "reference" else
+                                             " (sare_ds's corrections; NOT comparable with published CHAIR numbers)"))
+    images = result.get("images")
+    if images:
+        limit = images.get("limit") or 0
+        lines.append(f"- Images: {images['name']} ({images['count']} images, {images['source']})"
+                     + (f"; only the first {limit} captioned (quick look, not the protocol)" if limit else "")
+                     + "; the ids are in eval.json `images`")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_run(run_dir: str | Path | None, data: EvalData, *, cfg: EvalConfig | None = None,
-                 base: str | None = None, out_dir: str | Path | None = None, name: str | None = None) -> dict:
+                 base: str | None = None, out_dir: str | Path | None = None, name: str | None = None,
+                 protocol=None) -> dict:
     """Load base + the run's trainable weights, evaluate, write <run_dir>/eval (or out_dir); return the result."""
     import torch
 
@@ -231,7 +291,7 @@ def evaluate_run(run_dir: str | Path | None, data: EvalData, *, cfg: EvalConfig 
     cfg = cfg or EvalConfig()
     # synced_gpus means the model is sharded across ranks: load it under ZeRO-3.
     adapter = load_method_model(run_dir, base=base, device=device, zero3=cfg.synced_gpus)
-    result = evaluate_model(adapter, data, cfg)
+    result = evaluate_model(adapter, data, cfg, protocol)
     target = Path(out_dir) if out_dir else Path(run_dir or ".") / "eval"
     write_evaluation(result, target, name or (Path(run_dir).name if run_dir else "base"))
     return result

@@ -5,6 +5,8 @@
 `results[method]` is what sare_ds.eval.suite.attack_method returns: the unattacked metrics
 ("none"), "relearn" {n: metrics}, "lora", "adversarial", "probe". Every attacked number is
 shown with its change against the same method unattacked (percentage points for CHAIR).
+CHAIR columns carry the CHAIR mode in their name unless it is `reference` (the published
+script), and results of two modes are never put in one table.
 """
 from __future__ import annotations
 
@@ -22,12 +24,23 @@ def _cell(value: float | None, base: float | None = None) -> str:
     return f"{value:.1f} ({value - base:+.1f})"
 
 
+def chair_mode_of(results: dict[str, dict]) -> str:
+    """The one CHAIR mode of a suite's results (results without a mode predate modes: reference)."""
+    modes = {r["none"].get("chair_mode", "reference") for r in results.values()}
+    if len(modes) > 1:
+        raise ValueError(f"report: the methods were scored in different CHAIR modes {sorted(modes)}; their numbers "
+                         "cannot share a table. Re-run the suite with one --eval-chair-mode")
+    return modes.pop() if modes else "reference"
+
+
 def comparison_rows(results: dict[str, dict]) -> tuple[list[str], dict[str, list[str]]]:
     """Column names and one row of cells per method (CHAIR in %, attacks with their delta)."""
+    mode = chair_mode_of(results)
+    tag = "" if mode == "reference" else f" ({mode})"
     sizes = sorted({int(n) for r in results.values() for n in r.get("relearn", {})})
-    columns = ["CHAIR_S", "CHAIR_I", "BLEU-4", "POPE F1"]
-    columns += [f"relearn n={n} CHAIR_S" for n in sizes]
-    columns += ["LoRA CHAIR_S", "adv. prompts CHAIR_S", "sharpness gap", "random gap"]
+    columns = [f"CHAIR_S{tag}", f"CHAIR_I{tag}", "BLEU-4", "POPE F1"]
+    columns += [f"relearn n={n} CHAIR_S{tag}" for n in sizes]
+    columns += [f"LoRA CHAIR_S{tag}", f"adv. prompts CHAIR_S{tag}", "sharpness gap", "random gap"]
     rows = {}
     for method, r in results.items():
         none = r["none"]
@@ -47,7 +60,11 @@ def comparison_rows(results: dict[str, dict]) -> tuple[list[str], dict[str, list
 
 def markdown_report(results: dict[str, dict], title: str = "Robustness of hallucination unlearning") -> str:
     columns, rows = comparison_rows(results)
-    lines = [f"# {title}", "",
+    mode = chair_mode_of(results)
+    mode_line = ("CHAIR mode: reference (the published CHAIR script; comparable with published numbers)."
+                 if mode == "reference" else
+                 f"CHAIR mode: {mode} (sare_ds's corrections; NOT comparable with published CHAIR numbers).")
+    lines = [f"# {title}", "", mode_line, "",
              "CHAIR in % (lower is better); attacked values show (change vs the same model unattacked). "
              "Sharpness gap: L_neg(theta + eps*) - L_neg(theta) at ||eps*|| = rho along the normalised gradient; "
              "random gap: the same along random directions of equal norm.", "",

@@ -4,7 +4,9 @@
     results = run_attack_suite(methods, data, AttackConfig(), out_dir="runs/report", base="llava-hf/llava-1.5-7b-hf")
 
 Each attack starts from a fresh copy of the method's model (base checkpoint + the run's
-trainable weights), so attacks never see each other's updates.
+trainable weights), so attacks never see each other's updates. Every CHAIR number of a suite
+is computed in one CHAIR mode (`eval_cfg.chair_mode`), recorded with the image list in
+config.json and named in report.md.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class AttackConfig:
 def _caption_summary(adapter, data: EvalData, eval_cfg: EvalConfig) -> dict:
     records, speed = generate_captions(adapter, data, eval_cfg)
     m = caption_metrics(records, data)
-    return {"CHAIR_S": m["CHAIR_S"], "CHAIR_I": m["CHAIR_I"], "recall": m["recall"], "BLEU-1": m["BLEU-1"],
+    return {"chair_mode": m["chair_mode"], "CHAIR_S": m["CHAIR_S"], "CHAIR_I": m["CHAIR_I"], "recall": m["recall"], "BLEU-1": m["BLEU-1"],
             "BLEU-4": m["BLEU-4"], "length": m["mean_length_words"], "tokens_per_s": speed["tokens_per_s"],
             "examples": [r["caption"] for r in records[:3]]}
 
@@ -125,6 +127,8 @@ def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: Attack
     eval_cfg = eval_cfg or EvalConfig()
     if data.truth is None:
         raise ValueError("run_attack_suite: the attacks are scored with CHAIR; pass annotation files (EvalData.truth)")
+    # one mode for every CHAIR number of the report, attacks.py's included (they score with data.truth)
+    data = data.with_chair_mode(eval_cfg.chair_mode)
     if any(run is None for run in methods.values()) and base is None:
         raise ValueError("run_attack_suite: a method without a run folder is the base model; pass base=<checkpoint>")
     needed = max([*cfg.relearn_sizes, cfg.probe_samples if cfg.probe else 0, 1])
@@ -135,7 +139,8 @@ def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: Attack
         results[name] = attack_method(lambda: load_method_model(run_dir, base=base, device=device),  # noqa: B023
                                       data, eval_cfg, cfg, samples)
         _free_memory()  # attack_method's last copy is unreferenced now
-    results_meta = {"attack_config": asdict(cfg), "eval_config": asdict(eval_cfg),
+    results_meta = {"attack_config": asdict(cfg), "eval_config": asdict(eval_cfg), "chair_mode": eval_cfg.chair_mode,
+                    "images": dict(data.images.to_json(), limit=eval_cfg.num_images) if data.images else None,
                     "methods": {k: (str(v) if v else None) for k, v in methods.items()}}
     if rank_and_world()[0] == 0:
         write_report(results, out_dir)
