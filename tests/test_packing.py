@@ -272,6 +272,34 @@ def test_chunked_head_step_equals_the_kept_logits_step(tiny_model_dir, captions)
                 assert m_chunked[k] == pytest.approx(m_whole[k], rel=1e-5, abs=1e-7), (method, k)
 
 
+def test_a_trainable_head_under_deepspeed_runs_in_one_piece(tiny_model_dir, caplog):
+    """DeepSpeed reduces a trainable head's gradient in each chunk's backward and its first backward after
+    zero_grad copies into the partitions: chunks would keep only the last one's. The step falls back to
+    the model's own head in one piece, and says so."""
+    adapter = load_mllm(ModelConfig(name_or_path=str(tiny_model_dir)))
+    adapter.model.get_output_embeddings().weight.requires_grad_(True)
+
+    class Engine(torch.nn.Module):  # what the step checks of a DeepSpeed engine
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def zero_optimization_stage(self):
+            return 3
+
+    params = [adapter.model.get_output_embeddings().weight]
+    space = PlainParameterSpace(params, torch.optim.SGD(params, lr=0.1), None, 0.0)
+    with caplog.at_level("WARNING"):
+        step = UnlearningStep(Engine(adapter.model), adapter.forward_inputs, space, MethodConfig(name="efuf"),
+                              device=torch.device("cpu"), dtype=torch.float32, pad_token_id=0, head_chunks=8)
+    assert step.head_chunks == 0 and step.head is None
+    assert "lm_head_chunks=8 ignored" in caplog.text
+    # Without DeepSpeed a trainable head keeps its chunks (the checkpointed calls accumulate in .grad).
+    plain = UnlearningStep(adapter.model, adapter.forward_inputs, space, MethodConfig(name="efuf"),
+                           device=torch.device("cpu"), dtype=torch.float32, pad_token_id=0, head_chunks=8)
+    assert plain.head_chunks == 8
+
+
 def test_a_head_that_soft_caps_its_logits_is_refused():
     from types import SimpleNamespace
 

@@ -61,8 +61,9 @@ def read_image_list(path: str | Path) -> ImageList:
     return ImageList(path.name, tuple(ids), str(path))
 
 
-def image_list_of_pope(pope_files: dict) -> ImageList:
-    """The images of POPE question files, in order of first appearance; every split must have the same ones."""
+def image_list_of_pope(pope_files: dict) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+    """(the image ids of POPE question files in order of first appearance, the ids per split); every split
+    must ask about the same images."""
     from sare_ds.eval.pope import load_questions
 
     per_split = {}
@@ -72,7 +73,7 @@ def image_list_of_pope(pope_files: dict) -> ImageList:
             m = _COCO_FILE.search(q["image"])
             if m is None:
                 raise ImageListError(f"{path}: image {q['image']!r} is not a COCO file name "
-                                     "(COCO_val2014_<12 digits>.jpg); pass --images FILE for other images")
+                                     "(COCO_val2014_ or COCO_train2014_ + 12 digits + .jpg); pass --images FILE for other images")
             ids.append(int(m.group(1)))
         per_split[split] = tuple(dict.fromkeys(ids))
     first, *rest = per_split.values()

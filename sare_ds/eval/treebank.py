@@ -37,8 +37,8 @@ followed by white space ("boat.there") is never a boundary, and white space is w
 `str.split` calls white space (a zero-width space U+200B is not, so "dog\u200bsits" is one token).
 
 **Word tokens, pinned to nltk 3.8.1.** `treebank_words` applies the Treebank stages of
-`NLTKWordTokenizer` as they stood from nltk 3.6 to 3.8.1, the versions in use when the
-published MLLM CHAIR numbers (LURE, OPERA, EFUF, 2023-24) were computed. Later nltk releases
+`NLTKWordTokenizer` as they stood from nltk 3.6 to 3.8.1 (the CHAIR repository pins nltk 3.2.5,
+whose rules were not compared here). Later nltk releases
 changed three rules that change object mentions, so the installed nltk is *not* used for
 this step: they split a leading single quote from any word ("'dog" -> "'", "dog"; 3.8.1 only
 splits it before a single letter), split en/em dashes ("dog—cat"; 3.8.1 keeps one token) and

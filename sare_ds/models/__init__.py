@@ -117,7 +117,8 @@ def enable_gradient_checkpointing(model) -> None:
 
     Non-reentrant checkpointing: gradients reach the trainable projector through the frozen LLM
     whether or not the layer inputs require grad, and it composes with ZeRO-3's parameter gathers
-    (the recompute gathers again) and with the three passes of a SARE step.
+    (the recompute gathers again) and with every pass of a SARE step (two backwards through the
+    shared forward at theta included).
     """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated

@@ -2,8 +2,9 @@
 
 Training (packed or not) uses `chunked_span_sums`: from the final hidden states of the labelled
 positions only (`collate_captions`'s `keep`), the LM head and an fp32 cross-entropy over one chunk of
-those positions at a time, each chunk recomputed in the backward (torch.utils.checkpoint), and per kind
-the weighted sum that `UnlearningStep` divides by the step's span count (pooled means).
+those positions at a time (a frozen head: the hidden states' gradient computed in the forward, nothing
+recomputed; a ZeRO-3-partitioned or trainable head: checkpointed calls recomputed in the backward),
+and per kind the weighted sum that `UnlearningStep` divides by the step's span count (pooled means).
 `span_sums` is the same sum from logits already computed (one piece; the reference of the chunks). `per_sample_nll` and
 `kind_losses` are the per-sample forms (full logits): the sharpness probe (eval/probe.py) and
 evaluation's perplexity use them, and tests use them as references.

@@ -33,6 +33,7 @@ finite check before the optimizer step.
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 
@@ -43,6 +44,7 @@ from sare_ds.train.losses import KIND_SIGN, chunked_span_sums, span_sums
 from sare_ds.train.params import ParameterSpace
 from sare_ds.train.timing import PhaseTimer
 
+log = logging.getLogger(__name__)
 _TINY_NORM = 1e-12
 MicroBatch = list[TokenizedCaption]
 
@@ -89,6 +91,11 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
+def _is_deepspeed(model: torch.nn.Module) -> bool:
+    """A DeepSpeed engine (it reduces the gradients itself)."""
+    return hasattr(model, "zero_optimization_stage") and hasattr(model, "module")
+
+
 def flatten(micro_batch) -> MicroBatch:
     """A micro-batch as a list of sequences; a {kind: [sequences]} dict (StepComposer over sequences,
     as fine_tune_attack and the tests build them) is flattened. The trainer flattens the stream's
@@ -125,6 +132,14 @@ class UnlearningStep:
                              "the model's own head in one piece")
         self.head_chunks = head_chunks if self.keep_logits else 0
         self.head = output_head(model) if self.head_chunks else None
+        if self.head is not None and _is_deepspeed(model) and any(p.requires_grad for p in self.head.parameters()):
+            # A trainable head whose gradient DeepSpeed reduces: chunks would reduce it once per chunk within
+            # one backward, and ZeRO's first backward after zero_grad copies (not adds) into the partitions,
+            # so only the last chunk's gradient would survive. One piece: one reduction.
+            log.warning("the LM head is trainable under DeepSpeed: it runs in one piece on the labelled positions "
+                        "(model.lm_head_chunks=%d ignored); the loss path then holds their logits at once",
+                        self.head_chunks)
+            self.head_chunks, self.head = 0, None
         # A ZeRO-3-partitioned head is called a fixed number of times, checkpointed (losses.chunked_span_sums).
         self.head_partitioned = self.head is not None and any(hasattr(p, "ds_id") for p in self.head.parameters())
         self._last_losses: dict[str, torch.Tensor] = {}

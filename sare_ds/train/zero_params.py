@@ -17,8 +17,9 @@ ZeRO-3 (Zero3ParameterSpace). Each rank holds, per trainable parameter, a flat p
   direction and the capability gradient (the step's shared schedule, as in one process), which
   saves SARE one gather of the whole model per micro-batch. Two things make the second backward
   through one ZeRO-3 forward correct:
-    - the direction has its own buffer, shaped like the optimizer's flat fp32 gradient buffer
-      (one rank's partition: trainable / world elements). `backward_direction` swaps the two
+    - the direction has its own buffer, shaped like the optimizer's flat gradient buffer (one
+      rank's partition: trainable / world elements, in the gradient accumulation dtype: bf16 in a
+      bf16 run unless data_types.grad_accum_dtype says fp32). `backward_direction` swaps the two
       buffers' contents around its backward, so the direction and the capability gradient
       accumulate apart over the micro-batches, each through DeepSpeed's own reduce-scatter;
     - DeepSpeed's ZeRO-3 hooks gather a module's weights before its backward only while the
