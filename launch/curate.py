@@ -77,6 +77,8 @@ def main() -> None:
                           "nothing_to_train": manifest["nothing_to_train"], "skipped": manifest["skipped"],
                           "shards": len(manifest["shards"])}, indent=1))
         print(f"written: {cfg.output.dir}/manifest.json, {cfg.output.dir}/scores.png")
+        if manifest.get("warning"):
+            print(f"WARNING: {manifest['warning']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

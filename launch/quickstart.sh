@@ -67,7 +67,8 @@ for M in $METHODS; do
   step "training $NAME: deepspeed, $RANKS ranks, ZeRO-3 ($DS_CONFIG)"
   "$VENV/bin/deepspeed" --num_gpus "$RANKS" --master_port "$PORT" launch/train.py --config launch/configs/toy.yaml \
     model.name_or_path="$CAPTIONER" data.shards="$OUT/curated" method.name="$M" optim.seed="$SEED" \
-    output.run_dir="$OUT/runs/$M" distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" logging.progress_bar=false
+    output.run_dir="$OUT/runs/$M" output.overwrite=true distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" \
+    logging.progress_bar=false
   RUNS+=(--run "$NAME=$OUT/runs/$M"); ATTACKED+=(--method "$NAME=$OUT/runs/$M")
 done
 

@@ -19,7 +19,7 @@ for OUT in "$@"; do
   for RHO in 0.2 0.5; do
     "$VENV/bin/deepspeed" --num_gpus "$RANKS" --master_port "$PORT" launch/train.py --config launch/configs/toy.yaml \
       model.name_or_path="$OUT/models/captioner" data.shards="$OUT/curated" method.name=sare method.rho="$RHO" \
-      optim.seed="$SEED" output.run_dir="$OUT/runs/sare_rho$RHO" distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" \
+      optim.seed="$SEED" output.run_dir="$OUT/runs/sare_rho$RHO" output.overwrite=true distributed.ds_config="$DS_CONFIG" model.dtype="$DTYPE" \
       logging.progress_bar=false
     METHODS+=(--method "SARE-rho$RHO=$OUT/runs/sare_rho$RHO")
   done

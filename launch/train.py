@@ -61,12 +61,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from sare_ds.data.samples import BadSampleError
-    from sare_ds.data.shards import CorruptShardError
+    from sare_ds.data.shards import CorruptShardError, RemoteSourceError
+    from sare_ds.data.stream import NotEnoughShardsError, ShardFormatError
     from sare_ds.models import NoTrainableParametersError, UnknownModelLayoutError, WeightsMismatchError
     from sare_ds.models.presets import PresetError
 
     user_errors = (ConfigError, PresetError, UnknownModelLayoutError, WeightsMismatchError,
-                   NoTrainableParametersError, BadSampleError, CorruptShardError, FileExistsError, FileNotFoundError)
+                   NoTrainableParametersError, BadSampleError, CorruptShardError, RemoteSourceError,
+                   NotEnoughShardsError, ShardFormatError, FileExistsError, FileNotFoundError)
     try:
         cfg = load_config(args.config, args.overrides)
         from sare_ds.train.trainer import train

@@ -15,6 +15,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -63,11 +65,13 @@ class ModelConfig:
     """Recompute layer activations in the backward instead of keeping them (on in the real-model recipes:
     the backward through a frozen 7B LLM otherwise keeps ~4.2 MiB of bf16 activations per token, docs/memory_plan.md)."""
     lm_head_chunks: int = 8
-    """Training runs the LM head and the NLL on the labelled positions only, in this many chunks per forward,
-    each chunk's logits recomputed in the backward: the loss path holds the logits of 1/chunks of the
-    labelled positions at a time (a whole labelled response included). The count, not the size, is fixed,
-    so every rank calls the head equally often (ZeRO-3 gathers its weight inside those calls). 0: the
-    model's own head on all labelled positions at once, logits kept for the backward (no recompute)."""
+    """Training runs the LM head and the NLL on the labelled positions only, in at most this many chunks
+    per forward, so the loss path holds one chunk's logits at a time (a whole labelled response included).
+    A frozen head (one process, ZeRO-2): chunks of at least 32 positions, the hidden states' gradient
+    computed in the forward (nothing recomputed). A ZeRO-3-partitioned head: exactly this many
+    checkpointed calls, recomputed in each backward (every rank calls it equally often; ZeRO-3 gathers
+    its weight inside the calls). A trainable head under DeepSpeed runs in one piece. 0: the model's
+    own head on all labelled positions at once, logits kept for the backward."""
     attn_implementation: str = "sdpa"
     """Attention kernel: `sdpa` (torch's fused attention), `eager`, or `flash_attention_2` (needs flash-attn)."""
 
@@ -78,13 +82,15 @@ class DataConfig:
     """Where training samples come from: `shards` (curated WebDataset shards, data.shards) or
     `synthetic` (generated scenes with oracle scores, no curation)."""
     shards: str = "runs/toy/curated"
-    """Curated shards: a curation output directory, a brace pattern or a comma-separated list."""
+    """Curated shards: a curation output directory, a brace pattern or a comma-separated list (braces
+    expand before the list is split, so `{neg,pos}-00000{0..4}.tar` is one pattern)."""
     shuffle_buffer: int = 1000
     """Samples in each kind's shuffle buffer of the shard stream."""
     skip_corrupt: bool = False
     """Skip (and count) corrupt shard members instead of stopping with an error."""
     allow_remote: bool = False
-    """Allow `pipe:` and remote (http/s3/gs) shard URLs."""
+    """Allow `pipe:` commands and remote shard URLs (any URL scheme: http(s), s3, gs, hf, file, ...),
+    checked on every name after brace expansion."""
     prompt: str = EFUF_CAPTION_PROMPT
     """Synthetic source: the user prompt of the generated samples (shard samples carry their own)."""
     num_images: int = 48
@@ -127,7 +133,11 @@ class OptimConfig:
     optimizer: str = "adamw"
     """Optimizer: `adamw` or `sgd` (plain SGD, for checks against textbook SAM)."""
     lr: float = 1e-5
-    """Peak learning rate."""
+    """Peak learning rate (finite, > 0 and at most optim.max_lr)."""
+    max_lr: float = 1.0
+    """Largest optim.lr validation accepts: a larger step throws AdamW's weights far off in one update (and
+    SGD's by lr x gradient), and the run then refuses non-finite gradients with weights that are finite but
+    ruined. Raise it (finite) only for an optimizer whose learning rate is not a step size of that scale."""
     weight_decay: float = 0.05
     """Decoupled weight decay (AdamW) / L2 (SGD)."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -177,24 +187,27 @@ class DistributedConfig:
     """torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
     zero3_shared_forward: bool = True
     """ZeRO-3, SARE: one forward at theta serves both the ascent direction and the capability
-    gradient (one gather of the model fewer per micro-batch; costs one fp32 buffer of the rank's
-    gradient partition, trainable / world elements). false: three separate passes, no buffer.
-    Optimizer offload always runs the separate passes."""
+    gradient (one gather of the model fewer per micro-batch; costs one buffer of the rank's gradient
+    partition, trainable / world elements in the accumulation dtype, and the theta pass's graph kept
+    through two backwards). false: three separate passes, no buffer (cheaper in compute with
+    data.packing=false, docs/distributed.md). Optimizer offload always runs the separate passes."""
 
 
 @dataclass
 class OutputConfig:
     run_dir: str = "runs/toy/runs/sare"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, weights."""
-    overwrite: bool = True
-    """Allow writing into an existing run directory."""
+    overwrite: bool = False
+    """A non-empty output.run_dir is refused unless this is true; true first removes every file of the previous
+    run there (a folder not written by a run, or holding other files too, is refused). Ignored with output.resume."""
     save_every: int = 0
     """DeepSpeed checkpoint every N optimizer steps (0: only at the end)."""
     save_final: bool = True
     """DeepSpeed runs: write a checkpoint at the end too (resumable, consolidatable; under ZeRO-3 it holds every
     weight partition, frozen ones included: ~14 GB for a 7B model). trainable.safetensors and hf/ are written either way."""
     resume: bool = False
-    """Continue from the latest checkpoint in <run_dir>/checkpoints (same result as an uninterrupted run)."""
+    """Continue from the newest complete checkpoint in <run_dir>/checkpoints (same result as an uninterrupted
+    run); refused if the config differs in anything but output.* / logging.*, or the world size differs (docs/runs.md)."""
     export_hf: bool = True
     """At the end, export the full model in Hugging Face format to <run_dir>/hf, loadable by transformers alone
     (LoRA runs: the adapters merged into the base weights)."""
@@ -339,14 +352,30 @@ def _require(ok: bool, name: str, value: Any, rule: str, fix: str) -> None:
         raise ConfigError(f"{name} = {value!r} is invalid: {rule}. Fix: {fix}")
 
 
+def _require_finite(cfg: TrainConfig) -> None:
+    """Every float field (and list of numbers) finite: YAML reads `.inf` and `.nan`, and nan passes no
+    comparison, so a `must be > 0` message would otherwise blame the wrong rule."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f, typ in _field_types(type(sub)).items():
+            value = getattr(sub, f)
+            values = value if typ is list else [value] if typ is float else []
+            bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                default = getattr(type(sub)(), f)
+                raise ConfigError(f"{section.name}.{f} = {value!r} is invalid: must be a finite number (not inf or nan). "
+                                  f"Fix: use {default!r} (the default)")
+
+
 def validate(cfg: TrainConfig) -> None:
     m, d, o, mo = cfg.method, cfg.data, cfg.optim, cfg.model
+    _require_finite(cfg)
     _require(m.name in METHODS, "method.name", m.name, f"must be one of {METHODS}", "choose ft, efuf or sare")
     _require(m.rho >= 0, "method.rho", m.rho, "the perturbation radius must be >= 0",
              "use 0.05 (paper); 0 reduces SARE to EFUF")
     _require(m.lambda1 >= 0, "method.lambda1", m.lambda1, "loss weights must be >= 0 (the sign of the neg loss is built in)",
              "use 0.3 (paper)")
-    _require(m.lambda2 >= 0, "method.lambda2", m.lambda2, "loss weights must be >= 0", "use 0.2-0.3 (paper)")
+    _require(m.lambda2 >= 0, "method.lambda2", m.lambda2, "loss weights must be >= 0", "use 0.25 (the paper uses 0.2-0.3)")
     for name in ("pos_per_step", "neg_per_step", "sent_per_step"):
         _require(getattr(d, name) >= 0, f"data.{name}", getattr(d, name), "must be >= 0", "use 1 (EFUF)")
     _require(d.pos_per_step + d.neg_per_step + d.sent_per_step > 0, "data.*_per_step", 0,
@@ -360,9 +389,15 @@ def validate(cfg: TrainConfig) -> None:
     _require(mo.lm_head_chunks >= 0, "model.lm_head_chunks", mo.lm_head_chunks,
              "the LM head's chunks per forward must be >= 0", "use 8 (0: the model's own head in one piece)")
     _require(d.num_images > 0, "data.num_images", d.num_images, "must be > 0", "use e.g. 48")
-    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0", "use 0-8")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0", "use 0 (no worker processes; up to 8)")
     _require(o.optimizer in ("adamw", "sgd"), "optim.optimizer", o.optimizer, "must be adamw or sgd", "use adamw")
+    _require(math.isfinite(o.max_lr) and o.max_lr > 0, "optim.max_lr", o.max_lr, "must be a finite number > 0",
+             "use 1.0 (the default)")
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0", "use 1e-5 (paper)")
+    _require(o.lr <= o.max_lr, "optim.lr", o.lr,
+             f"must be at most optim.max_lr = {o.max_lr:g}: one AdamW update moves every weight by about lr, so "
+             "larger steps wreck the weights in a step (fine-tuning uses 1e-6 to 1e-3)",
+             "use 1e-5 (paper); raise optim.max_lr only for an optimizer whose learning rate is not a step size")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0", "use 0.05 (paper)")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
              "must be two numbers in [0, 1)", "use [0.9, 0.999]")
@@ -381,6 +416,15 @@ def validate(cfg: TrainConfig) -> None:
     if mo.trainable == "regex":
         _require(bool(mo.trainable_regex), "model.trainable_regex", mo.trainable_regex,
                  "trainable=regex needs a pattern", "e.g. model.trainable_regex='multi_modal_projector'")
+    if mo.trainable_regex:
+        try:
+            re.compile(mo.trainable_regex)
+        except re.error as e:
+            raise ConfigError(
+                f"model.trainable_regex = {mo.trainable_regex!r} is invalid: not a regular expression ({e}). "
+                "Fix: write a Python regex searched in parameter names; escape literal characters such as "
+                r"( ) [ ] . + * ? with a backslash, e.g. model.trainable_regex='multi_modal_projector\.linear_1'"
+            ) from None
     _require(mo.lora_r > 0, "model.lora_r", mo.lora_r, "must be > 0", "use 8")
     _require(mo.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation", mo.attn_implementation,
              f"must be one of {ATTN_IMPLEMENTATIONS}", "use sdpa")
@@ -391,7 +435,7 @@ def validate(cfg: TrainConfig) -> None:
                  mo.attn_implementation, "flash_attention_2 needs the flash-attn package, which is not installed",
                  "pip install flash-attn --no-build-isolation on a CUDA machine, or use sdpa")
     _require(0 <= mo.lora_dropout < 1, "model.lora_dropout", mo.lora_dropout, "must be in [0, 1)", "use 0.0")
-    _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1", "use 1-50")
+    _require(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1", "use 1 (or up to 50 for long runs)")
     _require(d.source in ("shards", "synthetic"), "data.source", d.source, "unknown data source",
              "use shards (curated by launch/curate.py) or synthetic")
     if d.source == "shards":

@@ -866,7 +866,10 @@ class ZeroSettings:
             value = z.get(key, default)
             return float(default if value == "auto" else value)
 
-        stage = int(z.get("stage", 0))
+        stage = z.get("stage", 0)
+        if not isinstance(stage, int) or isinstance(stage, bool):
+            raise PlanError(f"--ds-config {path}: zero_optimization.stage = {stage!r} is a {type(stage).__name__}; it "
+                            "must be an integer. Fix: write \"stage\": 3 (or 2) without quotes")
         if stage not in (2, 3):
             raise PlanError(f"--ds-config {path}: zero_optimization.stage = {stage}; sare_ds runs ZeRO-2 or ZeRO-3 "
                             "(train/ds_config.py). Fix: pass a ds_configs/zero2_* or zero3_* file")

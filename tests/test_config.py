@@ -55,6 +55,11 @@ def test_dump_round_trip(tmp_path):
     ("optim.clip_grad_norm=-1", ["optim.clip_grad_norm"]),
     ("model.dtype=float8", ["model.dtype", "bfloat16"]),
     ("model.trainable=regex", ["model.trainable_regex", "needs a pattern"]),
+    ("model.trainable_regex=model.(layers", ["model.trainable_regex = 'model.(layers'", "not a regular expression",
+                                              "missing )", "Fix: write a Python regex"]),
+    ("optim.lr=inf", ["optim.lr = inf", "finite", "Fix"]),
+    ("optim.lr=1e30", ["optim.lr = 1e+30", "at most optim.max_lr = 1", "raise optim.max_lr"]),
+    ("method.rho=.nan", ["method.rho = nan", "finite"]),
     ("model.lm_head_chunks=-1", ["model.lm_head_chunks", ">= 0", "use 8"]),
     ("method.rhoo=0.1", ["unknown config field `method.rhoo`", "did you mean `method.rho`"]),
     ("method.rho=abc", ["method.rho", "expected float"]),
@@ -65,6 +70,36 @@ def test_validation_errors_name_field_rule_and_fix(override, needles):
         load_config(None, [override])
     for needle in needles:
         assert needle in str(err.value)
+
+
+def _suggestion(message: str) -> list[str]:
+    """The overrides a validation message's fix suggests (`field=value`, or `use VALUE` for the field named)."""
+    import re
+
+    field, fix = message.split(" = ", 1)[0].strip(), message.split("Fix: ", 1)[1]
+    pairs = re.findall(r"([a-z_]+\.[a-z_0-9]+)=('[^']*'|\[[^\]]*\]|[^\s,;)]+)", fix)
+    if pairs:
+        return [f"{k}={v.strip(chr(39))}" for k, v in pairs]
+    use = re.search(r"\buse (\[[^\]]*\]|[^\s,;)]+)", fix)
+    return [f"{field}={use.group(1)}"] if use else []
+
+
+@pytest.mark.parametrize("bad", [
+    "method.rho=-0.1", "method.lambda1=-1", "method.lambda2=-0.5", "optim.lr=0", "optim.lr=1e30", "optim.lr=inf",
+    "optim.max_lr=0", "optim.epochs=0", "optim.grad_accum_steps=0", "optim.warmup_steps=-1", "optim.betas=[1, 1]",
+    "optim.weight_decay=-1", "optim.kernels=cuda", "optim.schedule=linear", "optim.optimizer=lion", "model.dtype=int8",
+    "model.lora_r=0", "model.lora_dropout=1", "model.lm_head_chunks=-1", "model.trainable=regex",
+    "model.trainable_regex=a(b", "model.attn_implementation=xformers", "data.max_length=0", "data.num_workers=-1",
+    "data.shuffle_buffer=0", "data.captions_per_step=0", "data.source=web", "logging.log_every=0",
+    "distributed.backend=mpi", "method.rho=.inf", "optim.adam_eps=.nan",
+])
+def test_fix_hints_suggest_values_validation_accepts(bad):
+    """Each refusal's fix, applied, passes validation (a hint never suggests a value validation rejects)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [bad])
+    fix = _suggestion(str(err.value))
+    assert fix, f"no value suggested in: {err.value}"
+    load_config(None, [bad, *fix])
 
 
 def test_missing_file_is_named(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -303,6 +304,18 @@ def test_curate_uses_vocabulary_and_writes_shards(tmp_path):
     assert default["counts"] == {"captions": 4, "pos": 7, "neg": 2, "sent": 2} and default["dropped_candidates"] == {}
 
 
+def test_nothing_written_is_a_warning_naming_why(tmp_path, caplog):
+    images = make_folder(tmp_path / "imgs", 3)
+    (images / "001.png").write_bytes(b"broken")
+    captions = {"000": "A picture of nothing in particular.", "002": "A dog."}
+    with caplog.at_level(logging.WARNING, logger="sare_ds.curation"):
+        manifest = curate(config(tmp_path, images), captioner=fake_captioner(captions), scorer=FakeScorer({"dog": 25}))
+    assert manifest["counts"]["captions"] == 0 and manifest["shards"] == []
+    assert "wrote NO caption record" in manifest["warning"] and "1 no_objects" in manifest["warning"]
+    assert "1 of them with nothing to train" in manifest["warning"] and "calibrate" in manifest["warning"]
+    assert "wrote NO caption record" in caplog.text and "001.png" in caplog.text  # the unreadable file, named
+
+
 def test_skipped_inputs_are_counted(tmp_path):
     scenes = write_synthetic_coco(tmp_path / "scenes", 8, 40, seed=1)
     (scenes / "images" / "000001.png").write_bytes(b"not an image at all")
@@ -316,6 +329,12 @@ def test_skipped_inputs_are_counted(tmp_path):
     manifest = curate(cfg, captioner=fake_captioner(captions), scorer=FakeScorer({"dog": 40}))
     assert manifest["skipped"] == {"empty_caption": 1, "missing_image": 1, "no_objects": 1, "unreadable_image": 2}
     assert manifest["images"] == {"input": 8, "curated": 3}
+    # Each skipped input is named: its id, its file and the reason (issue 13).
+    named = {(x["image_id"], Path(x["file"]).name, x["reason"]) for x in manifest["skipped_inputs"]}
+    assert named == {("1", "000001.png", "unreadable_image"), ("2", "000002.png", "unreadable_image"),
+                     ("3", "000003.png", "missing_image"), ("4", "000004.png", "empty_caption"),
+                     ("5", "000005.png", "no_objects")}
+    assert manifest["skipped_inputs_not_listed"] == 0 and "warning" not in manifest
     # COCO annotations label every scored object present / absent (for calibration).
     labels = json.load(open(tmp_path / "out" / ".chunks" / "chunk-000002.json"))["scores"]
     assert all(isinstance(x[2], bool) for x in labels)

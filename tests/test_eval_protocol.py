@@ -116,3 +116,22 @@ def test_cli_refuses_contradicting_image_flags(tmp_path, script, extra, needle):
                           timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_truncated_adversarial_prompt_file_names_itself(tmp_path):
+    from sare_ds.eval.attacks import load_adversarial_prompts
+
+    bad = tmp_path / "prompts.json"
+    bad.write_text('{"prompts": [{"id": "a", "templ')
+    with pytest.raises(ValueError, match="prompts.json"):
+        load_adversarial_prompts(bad)
+    assert load_adversarial_prompts()  # the shipped set loads
+
+
+def test_plan_refuses_a_string_stage(tmp_path):
+    from sare_ds.plan import PlanError, ZeroSettings
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": "3"}}))
+    with pytest.raises(PlanError, match="must be an integer"):
+        ZeroSettings.from_json(path)

@@ -62,7 +62,7 @@ def test_bad_config_fails_before_training(tiny_model_dir, tmp_path):
 def test_nan_without_per_step_check_stops_at_the_logging_interval(tiny_model_dir, tmp_path):
     # lr = 1e30 blows the weights up in the first update, so the second step's losses are not
     # finite; with the per-step check off the run must still stop at the logging interval.
-    proc = run_train(tiny_model_dir, tmp_path / "nan", "optim.check_finite=false", "optim.lr=1e30",
+    proc = run_train(tiny_model_dir, tmp_path / "nan", "optim.check_finite=false", "optim.lr=1e30", "optim.max_lr=1e31",
                      "optim.optimizer=sgd", "optim.clip_grad_norm=0")
     assert proc.returncode != 0
     assert "non-finite metrics at step" in proc.stderr and "checkpoint" in proc.stderr
@@ -72,7 +72,7 @@ def test_nan_without_per_step_check_stops_at_the_logging_interval(tiny_model_dir
 
 
 def test_nan_with_per_step_check_keeps_the_last_good_weights(tiny_model_dir, tmp_path):
-    proc = run_train(tiny_model_dir, tmp_path / "nan", "optim.lr=1e30", "optim.optimizer=sgd",
+    proc = run_train(tiny_model_dir, tmp_path / "nan", "optim.lr=1e30", "optim.max_lr=1e31", "optim.optimizer=sgd",
                      "optim.clip_grad_norm=0", "optim.max_steps=3")
     # Step 1's update blows the weights up; step 2's gradient is not finite and is refused.
     assert proc.returncode != 0 and "non-finite gradient norm" in proc.stderr

@@ -90,9 +90,10 @@ def test_hostfile_launcher_openmpi_equals_deepspeed_launcher(reduced_zero3, tmp_
 
 def test_gradient_checkpointing_zero3_partitioned_equals_plain_backward(reduced_zero3, tmp_path):
     """ZeRO-3, 2 ranks, every weight partitioned: SARE with checkpointing == without, fp32, to 1e-6."""
-    launch("deepspeed", recipe_args(tmp_path, "model.gradient_checkpointing=false", "--deepspeed",
+    # The run in its own folder: tmp_path holds the DeepSpeed JSON, and a run directory belongs to one run.
+    launch("deepspeed", recipe_args(tmp_path / "run", "model.gradient_checkpointing=false", "--deepspeed",
                                     unpersisted_zero3(tmp_path)))
-    assert_same_run(reduced_zero3, tmp_path, rtol=1e-6)
+    assert_same_run(reduced_zero3, tmp_path / "run", rtol=1e-6)
 
 
 def test_gradient_checkpointing_equals_plain_backward_one_process(reduced_reference, tmp_path):

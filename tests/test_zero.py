@@ -174,12 +174,18 @@ def test_hpz_sare_equals_zero3(sare_zero3, tiny_model_dir, tmp_path, persistence
 
 
 def test_resume_equals_uninterrupted(sare_zero3, tiny_model_dir, tmp_path):
-    # Interrupted after step 2 (its last checkpoint), then continued to step 4.
-    launch("torchrun", common(tiny_model_dir, tmp_path, Z3, "optim.max_steps=2", "output.export_hf=false"))
-    assert (tmp_path / "checkpoints" / "step0000002").is_dir()
-    launch("torchrun", common(tiny_model_dir, tmp_path, Z3, "--resume", "output.export_hf=false"))
-    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
-    want, got = weights(sare_zero3), weights(tmp_path)
+    # Killed while checkpoint 4 was being written (its rank files there, no manifest yet) and before the end
+    # of the run: resume skips it, takes the committed checkpoint of step 2 and continues to step 4 on 2 ranks.
+    run_dir = tmp_path / "run"
+    shutil.copytree(sare_zero3, run_dir)
+    (run_dir / "checkpoints" / "step0000004" / "manifest.json").unlink()
+    for name in ("trainable.safetensors", "summary.json", "hf"):
+        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    launch("torchrun", common(tiny_model_dir, run_dir, Z3, "output.save_every=2", "--resume", "output.export_hf=false"))
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]  # steps 3-4 logged once
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 2
+    want, got = weights(sare_zero3), weights(run_dir)
     for k in want:
         assert torch.equal(want[k], got[k]), k
 

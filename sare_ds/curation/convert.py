@@ -33,7 +33,8 @@ from sare_ds.data.shards import (
 )
 
 # What an old manifest says about the run that stays true of the converted one.
-KEPT_FIELDS = ("source", "images", "skipped", "dropped_candidates", "objects_scored", "thresholds", "config")
+KEPT_FIELDS = ("source", "images", "skipped", "skipped_inputs", "skipped_inputs_not_listed", "dropped_candidates",
+               "objects_scored", "thresholds", "config")
 KEPT_FILES = ("scores.png", "curation_config.yaml")
 
 

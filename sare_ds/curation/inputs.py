@@ -11,7 +11,6 @@ reported as a reason, not an exception, so curation can skip and count it.
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Callable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from sare_ds.data.shards import is_remote
+from sare_ds.data.shards import is_remote, read_json_file, shard_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -42,6 +41,8 @@ class Item:
     """Returns the encoded image bytes (may raise OSError for a missing file)."""
     present: set[str] | None = None
     """COCO categories annotated in the image (None when the input has no annotations)."""
+    source: str = ""
+    """Where the image comes from (its file, or `<shard>#<key>`): named in the manifest when it is skipped."""
 
 
 def decode_image(data: bytes) -> LoadedImage:
@@ -94,7 +95,8 @@ def folder_source(path: Path, per_chunk: int, limit: int) -> Source:
     if limit:
         files = files[:limit]
     # The relative path without suffix is the id: unique and stable across runs.
-    items = [Item(str(p.relative_to(path).with_suffix("")).replace(os.sep, "/"), _read_file(p)) for p in files]
+    items = [Item(str(p.relative_to(path).with_suffix("")).replace(os.sep, "/"), _read_file(p), source=str(p))
+             for p in files]
     return Source(f"folder {path} ({len(items)} images)", _chunked(items, per_chunk))
 
 
@@ -102,8 +104,9 @@ def coco_source(path: Path, annotations: Path, per_chunk: int, limit: int, vocab
     if not annotations.is_file():
         raise FileNotFoundError(f"input.annotations = {str(annotations)!r} does not exist; "
                                 "fix: pass the COCO instances JSON (annotations/instances_*.json)")
-    data = json.loads(annotations.read_text())
-    if "images" not in data:
+    data = read_json_file(annotations, "input.annotations =", "pass a whole COCO instances JSON "
+                          "(annotations/instances_*.json; download or copy it again if it was cut short)")
+    if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"input.annotations = {str(annotations)!r} has no `images` list; it must be a COCO "
                          "instances file (images, annotations, categories)")
     names = {c["id"]: c["name"] for c in data.get("categories", [])}
@@ -119,7 +122,7 @@ def coco_source(path: Path, annotations: Path, per_chunk: int, limit: int, vocab
         images = images[:limit]
     has_labels = bool(data.get("annotations"))
     items = [Item(str(im["id"]), _read_file(path / im["file_name"]),
-                  present.get(im["id"], set()) if has_labels else None) for im in images]
+                  present.get(im["id"], set()) if has_labels else None, str(path / im["file_name"])) for im in images]
     return Source(f"COCO layout {path} + {annotations.name} ({len(items)} images)", _chunked(items, per_chunk))
 
 
@@ -133,17 +136,14 @@ def shards_source(spec: str, per_chunk: int, limit: int, allow_remote: bool) -> 
     """One chunk per input shard (its members are only known by reading it). With a limit, the shards
     are counted first, in order, until the limit is reached, so every rank knows how many images each
     of its chunks takes; the chunk of the shard where the limit falls takes only the rest."""
-    from braceexpand import braceexpand
-
-    if is_remote(spec):
-        if not allow_remote:
-            raise ValueError(f"input.path = {spec!r} is a pipe: command or remote URL; fix: set "
-                             "input.allow_remote=true if you mean it, or give local shards")
-        urls = list(braceexpand(spec))
-    elif Path(spec).is_dir():
-        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
-    else:
-        urls = list(braceexpand(spec))
+    urls = []
+    # Braces are expanded (and commas split) first, then every name is checked for being a pipe:
+    # command or URL: `{p..p}ipe:cmd` is refused like `pipe:cmd` (shard_list).
+    for name in shard_list(spec, allow_remote):
+        if not is_remote(name) and Path(name).is_dir():
+            urls.extend(sorted(str(p) for p in Path(name).glob("*.tar")))
+        else:
+            urls.append(name)
     if not urls:
         raise FileNotFoundError(f"input.path = {spec!r} names no .tar shards; fix the path or pattern")
 
@@ -170,9 +170,9 @@ def shards_source(spec: str, per_chunk: int, limit: int, allow_remote: bool) -> 
             ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
             key = sample["__key__"]
             if ext is None:
-                yield Item(key, _raise_missing(url, key))
+                yield Item(key, _raise_missing(url, key), source=f"{url}#{key}")
             else:
-                yield Item(key, (lambda b=sample[ext]: b))
+                yield Item(key, (lambda b=sample[ext]: b), source=f"{url}#{key}")
 
     images = f", first {sum(take.values())} images" if limit else ""
     return Source(f"shards {spec} ({len(urls)} shards{images})", urls, expand)

@@ -57,6 +57,7 @@ from sare_ds.data.shards import (
     MANIFEST,
     SHARD_RE,
     ShardWriter,
+    read_json_file,
     shard_kind,
     shard_name,
 )
@@ -71,6 +72,12 @@ COUNT_KEYS = ("captions",) + KINDS
 # Fields that do not change what a chunk contains: a resumed run may change them.
 NON_SEMANTIC = {("output", "resume"), ("clip", "device"), ("clip", "batch_size"), ("caption", "batch_size"),
                 ("output", "histogram_bins")}
+
+FILE_FAULTS = ("missing_image", "unreadable_image")
+"""Skip reasons that are faults of an input file (each logged as a warning naming the file)."""
+SKIPPED_LISTED = 1000
+"""Skipped inputs the manifest names one by one (`skipped_inputs`); more are counted in `skipped` and
+`skipped_inputs_not_listed`, and every one stays named in its chunk record (.chunks/chunk-*.json)."""
 
 # captioner(images, prompt, image ids) -> one caption per image; None: no caption exists for it.
 Captioner = Callable[[list, str, list[str]], list]
@@ -136,7 +143,11 @@ def semantic_config(cfg: CurationConfig) -> dict:
 
 
 def load_chunk_records(out_dir: str | Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(out_dir) / CHUNKS).glob("chunk-*.json"))]
+    """The chunk records of a curation directory; a damaged one names itself and the fix (delete it:
+    its chunk is redone by the next run of the same command)."""
+    return [read_json_file(p, "chunk record", f"delete it (and {p.stem.replace('chunk', 'cap')}.tar if there is "
+                           "one), then run the same launch/curate.py command again: that chunk is redone")
+            for p in sorted((Path(out_dir) / CHUNKS).glob("chunk-*.json"))]
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -192,8 +203,9 @@ def annotation_captions(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption.captions_file = {str(path)!r} does not exist; pass a COCO captions JSON")
-    data = json.loads(path.read_text())
-    if "annotations" not in data:
+    data = read_json_file(path, "caption.captions_file =", "pass a whole COCO captions JSON "
+                          "(annotations/captions_*.json; download or copy it again if it was cut short)")
+    if not isinstance(data, dict) or "annotations" not in data:
         raise ValueError(f"caption.captions_file = {str(path)!r} has no `annotations` list of "
                          "{{image_id, caption}}; pass a COCO captions JSON")
     out: dict[str, str] = {}
@@ -214,7 +226,8 @@ class ChunkCurator:
     def run(self, index: int, items) -> dict:
         cfg = self.cfg
         rec = {"chunk": index, "format": FORMAT, "images": 0, "curated_images": 0, "nothing_to_train": 0,
-               "skipped": {}, "dropped": {}, "counts": {k: 0 for k in COUNT_KEYS}, "shards": [], "scores": []}
+               "skipped": {}, "skipped_inputs": [], "dropped": {}, "counts": {k: 0 for k in COUNT_KEYS},
+               "shards": [], "scores": []}
         writers: dict[str, ShardWriter] = {}  # at most the chunk's one caption shard, opened on its first record
         torch.manual_seed(cfg.caption.seed + index)  # sampled captions do not depend on which rank ran the chunk
         try:
@@ -223,7 +236,7 @@ class ChunkCurator:
                 rec["images"] += 1
                 img, reason = load_item(item)
                 if img is None:
-                    self._skip(rec, reason)
+                    self._skip(rec, reason, item)
                     continue
                 batch.append((item, img))
                 if len(batch) == cfg.caption.batch_size:
@@ -241,8 +254,13 @@ class ChunkCurator:
         return rec
 
     @staticmethod
-    def _skip(rec: dict, reason: str, n: int = 1) -> None:
-        rec["skipped"][reason] = rec["skipped"].get(reason, 0) + n
+    def _skip(rec: dict, reason: str, item) -> None:
+        """Count one skipped input and name it (id, file, reason) in the chunk record and the manifest."""
+        rec["skipped"][reason] = rec["skipped"].get(reason, 0) + 1
+        rec["skipped_inputs"].append({"image_id": str(item.image_id), "file": item.source, "reason": reason})
+        if reason in FILE_FAULTS:
+            log.warning("curation chunk %d: skipping image %s (%s): %s", rec["chunk"], item.image_id,
+                        item.source or "no file", reason)
 
     def _process(self, batch, rec: dict, writers: dict, index: int) -> None:
         cfg = self.cfg
@@ -253,15 +271,15 @@ class ChunkCurator:
         keep = []
         for (item, img), caption in zip(batch, captions):
             if caption is None:  # the captions file has no entry for this image (not an empty answer)
-                self._skip(rec, "no_caption_for_image")
+                self._skip(rec, "no_caption_for_image", item)
                 continue
             caption = caption.strip()
             if not caption:
-                self._skip(rec, "empty_caption")
+                self._skip(rec, "empty_caption", item)
                 continue
             mentions = first_mentions(self.vocabulary.mentions(caption))
             if not mentions:
-                self._skip(rec, "no_objects")
+                self._skip(rec, "no_objects", item)
                 continue
             keep.append((item, img, caption, mentions))
         if not keep:
@@ -323,7 +341,9 @@ def check_resume(cfg: CurationConfig, out_dir: Path) -> None:
             "output.dir, or set output.resume=false to start over there")
     if not saved.is_file():
         return
-    previous, current = json.loads(saved.read_text()), semantic_config(cfg)
+    previous = read_json_file(saved, "saved curation config", "set output.resume=false to start over in "
+                              f"{out_dir}, or choose a new output.dir", ResumeMismatchError)
+    current = semantic_config(cfg)
     if previous != current:
         diff = sorted(f"{s}.{k}" for s in current for k in current[s]
                       if previous.get(s, {}).get(k) != current[s][k])
@@ -401,6 +421,7 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
         for reason, n in r["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
     shards = sorted((s for r in records for s in r["shards"]), key=lambda s: s["chunk"])
+    named = [x for r in sorted(records, key=lambda r: r["chunk"]) for x in r.get("skipped_inputs", [])]
     scores = [s for r in records for s in r["scores"]]
     s = cfg.split
     manifest = {
@@ -411,6 +432,8 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
         "nothing_to_train": sum(r["nothing_to_train"] for r in records),
         "images": {"input": sum(r["images"] for r in records), "curated": sum(r["curated_images"] for r in records)},
         "skipped": dict(sorted(skipped.items())),
+        "skipped_inputs": named[:SKIPPED_LISTED],
+        "skipped_inputs_not_listed": max(0, len(named) - SKIPPED_LISTED),
         "dropped_candidates": dict(sorted(dropped.items())),
         "objects_scored": len(scores),
         "thresholds": {"t0": s.t0, "t1": s.t1, "t2": s.t2},
@@ -425,8 +448,25 @@ def write_manifest(cfg: CurationConfig, out_dir: Path, num_chunks: int, source_d
               if labelled else {"all objects": [x[1] for x in scores]})
     plot_scores(out_dir / "scores.png", groups, manifest["thresholds"], cfg.output.histogram_bins,
                 f"Object scores ({cfg.clip.model}, {cfg.clip.mode})")
+    if counts["captions"] == 0:
+        manifest["warning"] = nothing_written_warning(manifest)
+        log.warning("%s", manifest["warning"])
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def nothing_written_warning(manifest: dict) -> str:
+    """Why a curation run wrote no caption record, and what to change."""
+    images, skipped = manifest["images"], manifest["skipped"]
+    report = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1])) or "none"
+    t = manifest["thresholds"]
+    return (f"curation wrote NO caption record (no shard; training on this directory will fail): "
+            f"{images['input']} input image(s), {images['curated']} captioned and scored, "
+            f"{manifest['nothing_to_train']} of them with nothing to train (no object above t0 = {t['t0']} or below "
+            f"t1 = {t['t1']}, not sent); skipped inputs by reason: {report} (named under skipped_inputs in "
+            f"manifest.json). Fix: check input.path / input.annotations (missing or unreadable images), the "
+            f"captioner (empty captions, or captions naming no COCO object), or the thresholds for this CLIP "
+            f"(`python launch/curate.py calibrate`, then split.t0 / t1 / t2)")
 
 
 def curate(cfg: CurationConfig, *, captioner: Captioner | None = None, scorer=None, vocabulary=None,

@@ -22,6 +22,10 @@ A curation output directory holds WebDataset tar shards, `manifest.json` and `sc
 
 Shards are written under `<name>.tmp` and renamed when complete, so a shard with its final
 name is always whole (an interrupted writer leaves only a .tmp, which the next run removes).
+
+A shard source (`data.shards`) becomes names through `shard_list`: brace patterns expanded before
+the list is cut at its commas, then every name checked for being a pipe: command or URL (refused
+unless allow_remote), before anything is opened.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import re
 import tarfile
 from pathlib import Path
 from typing import Iterator, NamedTuple
+from urllib.parse import urlparse
 
 from braceexpand import braceexpand
 from PIL import Image
@@ -90,7 +95,93 @@ def shard_index(path: str) -> int | None:
 
 
 def is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
+    """Whether a shard name is read through a URL handler rather than as a local file: any name with a
+    URL scheme (`pipe:`, `http(s):`, `s3:`, `gs:`, `hf:`, `file:`, ... as urllib parses it, which is
+    what webdataset's gopen dispatches on; `pipe:` runs a shell command) and `-` (stdin). A local
+    path that looks like one (`data:v1/x.tar`) can be written `./data:v1/x.tar`."""
+    url = str(url)
+    return url.strip() == "-" or bool(urlparse(url).scheme)
+
+
+class RemoteSourceError(ValueError):
+    """A shard name is a pipe: command or a URL and remote sources were not allowed."""
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """`spec` cut at the commas outside braces: `{a,b}-0.tar,c.tar` -> [`{a,b}-0.tar`, `c.tar`]."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(spec):
+        ch = spec[i]
+        if ch == "\\":
+            i += 2  # an escaped character (braceexpand's `\{`) is never a separator
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+        i += 1
+    parts.append(spec[start:])
+    return parts
+
+
+def shard_list(spec, allow_remote: bool = False) -> list[str]:
+    """The shard names a `data.shards` / `input.path` value stands for, brace patterns expanded
+    BEFORE the list is cut at its commas, and every expanded name checked for being remote.
+
+        shard_list("{neg,pos,sent}-00000{0..4}.tar")   # 15 names (the commas inside braces are alternatives)
+        shard_list("runs/a,runs/b/cap-{000000..000003}.tar")   # a directory and 4 shards
+
+    Commas outside braces separate items; each item is expanded by braceexpand (webdataset's own
+    expansion). A directory stays one name (`list_shards` opens its manifest). Every expanded name
+    with a URL scheme (`pipe:` runs a shell command; http(s), s3, gs, hf, ...: `is_remote`) raises
+    RemoteSourceError naming it unless allow_remote (data.allow_remote / input.allow_remote) is
+    true: the check runs on what would be opened, so `{p..p}ipe:cmd` is refused like `pipe:cmd`.
+    A list (or tuple) of specs gives the concatenation of their lists."""
+    if not isinstance(spec, (str, Path)):
+        return [name for item in spec for name in shard_list(item, allow_remote)]
+    text = str(spec)
+    names: list[str] = []
+    for part in _split_top_level(text):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            expanded = list(braceexpand(part))
+        except Exception as e:  # braceexpand.UnbalancedBracesError and kin
+            raise ValueError(f"shard source {text!r}: cannot expand {part!r} ({type(e).__name__}: {e}); fix the brace "
+                             "pattern (e.g. cap-{000000..000009}.tar, {neg,pos}-000000.tar)") from None
+        names.extend(n.strip() for n in expanded if n.strip())
+    if not allow_remote:
+        remote = [n for n in names if is_remote(n)]
+        if remote:
+            raise RemoteSourceError(
+                f"shard source {text!r} names {remote[0]!r}{f' (and {len(remote) - 1} more)' if len(remote) > 1 else ''}"
+                ", a pipe: command or a remote URL once its braces are expanded; these are off by default so a typo or "
+                "a planted config cannot run a command. Fix: give local paths (write a local path containing ':' as "
+                "./path), or set data.allow_remote=true (input.allow_remote=true for curation) if you mean it")
+    return names
+
+
+def json_cut_short(e: json.JSONDecodeError) -> bool:
+    """Whether a JSON error looks like a file cut short (the parser ran out of text)."""
+    return e.msg.startswith("Unterminated") or e.pos >= len(e.doc.rstrip())
+
+
+def read_json_file(path: str | Path, what: str, fix: str, error: type = ValueError):
+    """json.loads of a file a user gave (or a run wrote), with a truncated or malformed file raised as
+    `error` naming the file, where it breaks and the fix (instead of a bare JSONDecodeError)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text ({e}); fix: {fix}") from None
+    except json.JSONDecodeError as e:
+        cut = " (it ends early: truncated?)" if json_cut_short(e) else ""
+        raise error(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}{cut}; "
+                    f"fix: {fix}") from None
 
 
 # --------------------------------------------------------------------------- writing
@@ -158,8 +249,16 @@ class ShardWriter:
 # --------------------------------------------------------------------------- listing
 
 def read_manifest(shard_dir: str | Path) -> dict | None:
+    """A curation directory's manifest.json (None without one); a malformed one names itself and the fix."""
     path = Path(shard_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    manifest = read_json_file(path, "curation manifest", "re-run launch/curate.py with the same output.dir (finished "
+                              "chunks are kept and the manifest is rewritten), or restore the file", CorruptShardError)
+    if not isinstance(manifest, dict):
+        raise CorruptShardError(f"curation manifest {path} holds a {type(manifest).__name__}, not an object; fix: "
+                                "re-run launch/curate.py with the same output.dir to rewrite it")
+    return manifest
 
 
 def manifest_format(manifest: dict, where: str = "manifest.json") -> str:
@@ -175,31 +274,24 @@ def manifest_format(manifest: dict, where: str = "manifest.json") -> str:
 
 def list_shards(spec, kind: str | None = None, allow_remote: bool = False) -> list[str]:
     """Shard URLs of a curation output directory (its manifest's list, else `*.tar`), a brace
-    pattern, a single path or a list of those; optionally only one kind (by file name)."""
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    pattern, a comma-separated list, a single path or a list of those (`shard_list`: braces
+    expanded first, remote names refused unless allow_remote); optionally only one kind (by name)."""
     urls: list[str] = []
-    for item in specs:
-        item = str(item)
+    for item in shard_list(spec, allow_remote):
         if is_remote(item):
-            if not allow_remote:
-                raise ValueError(
-                    f"shard source {item!r} is a pipe: command or a remote URL; these are off by default "
-                    "so a typo cannot run a command. Fix: pass allow_remote=True (data.allow_remote=true) "
-                    "if you mean it, or give a local path")
-            urls.extend(braceexpand(item))
+            urls.append(item)
         elif Path(item).is_dir():
             manifest = read_manifest(item)
-            names = [s["name"] for s in manifest["shards"]] if manifest else sorted(
+            names = [s["name"] for s in manifest.get("shards", [])] if manifest else sorted(
                 p.name for p in Path(item).glob("*.tar"))
             urls.extend(str(Path(item) / n) for n in names)
         else:
-            expanded = list(braceexpand(item))
-            missing = [u for u in expanded if not Path(u).is_file()]
-            if missing:
-                raise FileNotFoundError(
-                    f"shard(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} of {item!r} do not exist; "
-                    "fix the path or brace pattern, or run launch/curate.py to write them")
-            urls.extend(expanded)
+            urls.append(item)
+    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"shard(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} of {spec!r} do not exist; "
+            "fix the path or brace pattern, or run launch/curate.py to write them")
     if kind is not None:
         urls = [u for u in urls if shard_kind(u) == kind]
     return urls
@@ -242,15 +334,24 @@ def shard_format(spec, allow_remote: bool = False) -> str:
     """`captions` or `samples`: what a shard source holds. A directory's manifest says it; without one
     (or for patterns and lists) the shard names do (`cap-*` or `pos|neg|sent-*`), else the first
     record. A source mixing both formats is refused."""
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    parts = _split_top_level(str(spec)) if isinstance(spec, (str, Path)) else list(spec)
+    groups = []  # (name, shard names): each directory alone, the rest of each list item together
+    for part in parts:
+        names = shard_list(str(part), allow_remote)
+        dirs = [n for n in names if not is_remote(n) and Path(n).is_dir()]
+        files = [n for n in names if n not in dirs]
+        groups += [(d, [d]) for d in dirs] + ([(str(part).strip(), files)] if files else [])
+    if not groups:
+        raise FileNotFoundError(f"shard source {spec!r} names no shard; fix data.shards (a curation output.dir, "
+                                "a brace pattern or a comma-separated list)")
+    dirs = {name for name, members in groups if members == [name] and not is_remote(name) and Path(name).is_dir()}
     found: dict[str, str] = {}
-    for item in specs:
-        item = str(item)
-        manifest = read_manifest(item) if not is_remote(item) and Path(item).is_dir() else None
+    for item, members in groups:
+        manifest = read_manifest(item) if item in dirs else None
         if manifest is not None:
             found[item] = manifest_format(manifest, f"{item}/{MANIFEST}")
             continue
-        urls = list_shards(item, allow_remote=allow_remote)
+        urls = list_shards(members, allow_remote=allow_remote)
         if not urls:
             raise FileNotFoundError(f"shard source {item!r} holds no .tar shards; fix the path, or run "
                                     "launch/curate.py to write them")
@@ -367,25 +468,65 @@ def decode_members(key: str, members: dict[str, bytes], where: str, decode_image
     return record_to_sample(record, image, f"{where}: sample {key}")
 
 
-def iter_members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of one shard, in file order."""
+class ShardReadError(CorruptShardError):
+    """A shard's tar data breaks (cut inside a member, a bad header, an unreadable file): `samples_read`
+    whole samples came before the break."""
+
+    def __init__(self, url: str, samples_read: int, cause: BaseException):
+        super().__init__(f"shard {url} is corrupt or truncated after {samples_read} whole sample(s) "
+                         f"({type(cause).__name__}: {cause}); fix: re-run curation for it (delete it and its chunk "
+                         "record in .chunks/, run launch/curate.py again)")
+        self.url, self.samples_read = url, samples_read
+
+
+def _open_stream(url: str):
+    if is_remote(url):  # callers check allow_remote (shard_list) before anything is opened
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return open(url, "rb")
+
+
+def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of one shard in file order, members grouped as webdataset groups them
+    (key: the name up to its first dot; extension lower-cased; `__*__` members left out). Local paths
+    are read with tarfile; remote names (`is_remote`, allowed by the caller) through webdataset's
+    gopen. A read error raises ShardReadError with the number of whole samples yielded before it
+    (the sample being read when it broke is not yielded)."""
+    yielded = 0
     try:
-        with tarfile.open(url, "r") as tar:
+        stream = _open_stream(url)
+    except Exception as e:  # noqa: BLE001  (missing file, a pipe that cannot start, ...)
+        raise ShardReadError(url, 0, e) from e
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
             key, members = None, {}
             for info in tar:
                 if not info.isreg():
                     continue
+                name = os.path.basename(info.name)
+                if name.startswith("__"):
+                    continue
                 k, _, ext = info.name.partition(".")
                 if k != key and key is not None:
                     yield key, members
+                    yielded += 1
                     members = {}
                 key = k
-                members[ext] = tar.extractfile(info).read()
+                members[ext.lower()] = tar.extractfile(info).read()
             if key is not None:
                 yield key, members
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise CorruptShardError(f"shard {url} is corrupt or truncated ({e}); fix: re-run curation for it "
-                                "(delete it and its chunk record in .chunks/)") from e
+                yielded += 1
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise ShardReadError(url, yielded, e) from e
+    finally:
+        stream.close()
+
+
+def iter_members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of one shard, in file order (`iter_raw`; a broken shard raises
+    ShardReadError, a CorruptShardError naming it and the fix)."""
+    yield from iter_raw(url)
 
 
 def _decoded(urls: list[str], decode_image: bool = True) -> Iterator[Sample | Caption]:

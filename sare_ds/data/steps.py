@@ -45,7 +45,9 @@ class StepComposer(Generic[T]):
             if n > 0 and not by_kind.get(k):
                 raise ValueError(
                     f"each step needs {n} {k} item(s) but the data has none; "
-                    + (f"fix: set data.{k}_per_step=0 or provide {k} samples" if k in KINDS else
+                    + ((f"fix: provide {k} samples (curate captions naming hallucinated objects); only "
+                        "method.name=ft trains without them" if k == "neg" else
+                        f"fix: set data.{k}_per_step=0 or provide {k} samples") if k in KINDS else
                        "fix: provide captions with spans of the kinds the method trains")
                 )
         self.driver = next(k for k in (CAPTIONS, "neg", "pos", "sent") if self.per_step.get(k, 0) > 0)

@@ -139,10 +139,13 @@ def fine_tune_attack(adapter, samples: list[Sample], *, trainable: str = "mappin
 def load_adversarial_prompts(path: str | Path | None = None) -> list[dict]:
     """The shipped prompt set (sare_ds/resources/adversarial_prompts.json) or a file of the same shape."""
     if path is None:
-        text = (resources.files("sare_ds") / "resources" / "adversarial_prompts.json").read_text()
+        data = json.loads((resources.files("sare_ds") / "resources" / "adversarial_prompts.json").read_text())
     else:
-        text = Path(path).read_text()
-    prompts = json.loads(text)["prompts"]
+        from sare_ds.data.shards import read_json_file
+
+        data = read_json_file(path, "adversarial prompt file", "fix the file (sare_ds/resources/"
+                              "adversarial_prompts.json shows the shape: {\"prompts\": [{\"id\": ..., \"template\": ...}]})")
+    prompts = data["prompts"]
     for p in prompts:
         if not {"id", "template"} <= set(p):
             raise ValueError(f"adversarial prompt {p}: needs `id` and `template`; fix the prompt file")

@@ -34,7 +34,16 @@ def _read_json(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file {path} does not exist; pass the instances_*.json / "
                                 "captions_*.json of the images being evaluated")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cut = (" (it ends early: truncated?)" if isinstance(e, json.JSONDecodeError)
+               and (e.msg.startswith("Unterminated") or e.pos >= len(e.doc.rstrip())) else "")
+        raise CocoFormatError(f"COCO annotation file {path} is not valid JSON ({e}){cut}; fix: download or copy it "
+                              "again (annotations/instances_*.json, captions_*.json), or pass the right file") from None
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: holds a {type(data).__name__}, not a COCO annotation object with `images` "
+                              "and `annotations`; pass the instances_*.json / captions_*.json of the images")
     for key in ("images", "annotations"):
         if key not in data:
             raise CocoFormatError(f"{path}: no `{key}` list; a COCO annotation file has `images` and `annotations`")

@@ -87,12 +87,11 @@ class EvalData:
 
     @classmethod
     def from_eval_set(cls, path: str | Path, chair_mode: str = "reference") -> "EvalData":
-        """The eval_set.json written by sare_ds.eval.scenes.write_scene_eval_set: all of its images."""
-        p = json.loads(Path(path).read_text())
-        truth = CocoTruth.from_files([p["instances"]], [p["captions"]], chair_mode)
-        images = all_images(truth, "scene eval set: all images", str(path))
-        return cls.from_paths([p["instances"]], [p["captions"]], p["image_dir"], p.get("pope"), images=images,
-                              chair_mode=chair_mode)
+        """The eval_set.json written by sare_ds.eval.scenes.write_scene_eval_set: all of its images (paths
+        relative to the file's folder; older files with absolute or cwd-relative paths still load)."""
+        from sare_ds.eval.scenes import load_scene_eval_data
+
+        return load_scene_eval_data(path, chair_mode)
 
     def with_chair_mode(self, mode: str) -> "EvalData":
         """The same data with ground truth found by CHAIR mode `mode`'s extractor."""

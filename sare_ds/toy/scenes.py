@@ -228,5 +228,7 @@ def write_scene_set(out_dir: str | Path, world: ToyWorld, num_images: int, seed:
     for s, qs in pope.items():
         Path(paths["pope"][s]).write_text("".join(json.dumps(q) + "\n" for q in qs))
     (out / "world.json").write_text(json.dumps({**world.to_json(), "seed": seed, "num_images": num_images}, indent=1))
-    (out / "eval_set.json").write_text(json.dumps(paths, indent=1))
+    from sare_ds.eval.scenes import write_eval_set_file
+
+    write_eval_set_file(out, paths)  # paths relative to the set's own folder
     return paths

@@ -48,7 +48,18 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         raise ConfigError(f"distributed.ds_config = {path!r}: cannot read it as JSON ({e}); fix the file") from e
     ds = copy.deepcopy(template)
 
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: `zero_optimization` is a {type(zero).__name__}, not an object. Fix: "
+                          "\"zero_optimization\": {\"stage\": 3} (see ds_configs/zero3_bf16.json)")
+    stage = zero.get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise ConfigError(
+            f"{path}: zero_optimization.stage = {stage!r} is a {type(stage).__name__}; it must be an integer "
+            f"(DeepSpeed compares it as a number). Fix: write \"stage\": "
+            f"{stage.strip() if isinstance(stage, str) and stage.strip() in ('2', '3') else 3} without quotes "
+            f"(ZeRO stages {SUPPORTED_STAGES} are supported)."
+        )
     if stage not in SUPPORTED_STAGES:
         raise ConfigError(
             f"{path}: zero_optimization.stage = {stage} is not supported: SARE's perturbation is implemented for "

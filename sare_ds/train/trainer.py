@@ -4,10 +4,12 @@
 
 One process (`distributed.ds_config` empty: PlainParameterSpace) or DeepSpeed ZeRO-2/3 on
 any number of ranks (Zero{2,3}ParameterSpace); the step and the loop are the same code.
-Writes into `output.run_dir` (rank 0): config.yaml (resolved), metrics.jsonl, tb/,
-data.json (samples per kind, skipped samples by reason), trainable.safetensors (the trained
-parameters by name), summary.json, hf/ (the full model in Hugging Face format; LoRA merged
-into the base weights) and with DeepSpeed checkpoints/.
+Writes into `output.run_dir` (rank 0), which belongs to this run (sare_ds.train.runs, docs/runs.md):
+summary.json (`running` from the start; `completed`, a non-finite stop or `failed: <reason>`),
+run.json (the run's identity), config.yaml (resolved), metrics.jsonl, tb/, data.json (samples per
+kind, skipped samples by reason, final at the end), trainable.safetensors (the trained parameters
+by name), hf/ (the full model in Hugging Face format; LoRA merged into the base weights) and with
+DeepSpeed checkpoints/ (committed atomically, loaded weights-only: sare_ds.train.checkpoint).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import logging
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,47 +26,34 @@ import numpy as np
 import torch
 
 import sare_kernels as kernels
-from sare_ds.config import ConfigError, TrainConfig, save_config
+from sare_ds.config import ConfigError, TrainConfig
 from sare_ds.data.samples import BadSampleError, Caption, skip_report
 from sare_ds.data.steps import CAPTIONS, StepComposer, per_step_counts
 from sare_ds.data.tokenize import TYPICAL_CAPTION_TOKENS, fixed_sample_tokens, tokenize_caption
-from sare_ds.dist import DistInfo, barrier, broadcast_object, init_distributed, mean_over_ranks
+from sare_ds.dist import DistInfo, barrier, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
+from sare_ds.train import checkpoint as ckpt
 from sare_ds.train.logging import MetricLogger
 from sare_ds.train.params import NonFiniteError, ParameterSpace, PlainParameterSpace
+from sare_ds.train.runs import RUNNING, prepare_run_dir, run_record, shard_spec, write_summary
 from sare_ds.train.step import UnlearningStep
 from sare_ds.train.timing import PhaseTimer
 
 log = logging.getLogger("sare_ds.train")
-CHECKPOINTS = "checkpoints"
-# summary.json statuses
-RUNNING, COMPLETED = "running", "completed"
-REFUSED = "stopped: non-finite gradient, update refused (weights saved are the last good ones)"
+CHECKPOINTS = ckpt.CHECKPOINTS
+# summary.json statuses (RUNNING from sare_ds.train.runs: written before anything else; FAILED + reason on
+# any other exception)
+COMPLETED = "completed"
+REFUSED = "stopped: non-finite gradient, update refused (weights saved are those before the refused update)"
 CORRUPT = "stopped: non-finite metrics without the per-step check (weights may be corrupt, not saved)"
+CORRUPT_CHECKED = "stopped: non-finite metrics although every gradient was finite (weights may be corrupt, not saved)"
+FAILED = "failed"
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path:
-    run_dir = Path(cfg.output.run_dir)
-    refusal = None
-    if is_main:
-        if run_dir.exists() and any(run_dir.iterdir()) and not (cfg.output.overwrite or cfg.output.resume):
-            refusal = (f"output.run_dir = {run_dir} exists and output.overwrite is false; "
-                       "fix: choose a new run_dir, set output.overwrite=true or output.resume=true")
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not cfg.output.resume:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    # Rank 0's verdict goes to every rank, so all stop alike (none is left waiting in a collective).
-    refusal = broadcast_object(refusal)
-    if refusal is not None:
-        raise FileExistsError(refusal)
-    return run_dir
 
 
 def build_optimizer(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.Optimizer:
@@ -129,7 +119,7 @@ def build_data(cfg: TrainConfig, adapter, info: DistInfo, start_step: int):
         from sare_ds.data.shards import shard_format
         from sare_ds.data.stream import ShardStream
 
-        shards = cfg.data.shards.split(",") if "," in cfg.data.shards else cfg.data.shards
+        shards = shard_spec(cfg.data.shards, cfg.data.allow_remote)  # shard_list: braces expanded before any split
         data_format = shard_format(shards)
         per_step = per_step_counts(cfg.data, cfg.method.name, data_format)
         if data_format != "captions":
@@ -313,44 +303,50 @@ def merge_lora_state(state: dict[str, torch.Tensor], peft_config: dict) -> dict[
     return out
 
 
-def save_checkpoint(rt: Runtime, run_dir: Path, step: int) -> None:
-    ckpt = run_dir / CHECKPOINTS
-    tag = f"step{step:07d}"
-    rt.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step})
-    # RNG streams are per rank (dropout masks differ across ranks): one file each.
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               ckpt / tag / f"rng_rank{rt.dist.rank:05d}.pt")
-
-
-def load_checkpoint(rt: Runtime, run_dir: Path) -> int:
-    ckpt = run_dir / CHECKPOINTS
-    if not (ckpt / "latest").is_file():
-        raise FileNotFoundError(f"output.resume=true but {ckpt} has no checkpoint ('latest' missing); "
-                                "fix: drop output.resume or point output.run_dir at the interrupted run")
-    tag = (ckpt / "latest").read_text().strip()
-    path, client = rt.engine.load_checkpoint(str(ckpt), tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt / tag}")
-    step = int(client["step"])
-    rng = torch.load(ckpt / tag / f"rng_rank{rt.dist.rank:05d}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    log.info("resumed from %s at step %d", ckpt / tag, step)
-    return step
-
-
 # ----------------------------------------------------------------------------- the loop
 
+def _final_skips(batches, data_report: dict, source: str, complete: bool) -> dict:
+    """Samples skipped by the data source, by reason, as the iteration left them (the stream's dict is final
+    only after it). Shards: each rank reads its own share, so a completed run sums them over the ranks (a
+    collective, on the success path only); after a failure rank 0's own counts, named so."""
+    own = dict(getattr(batches, "skipped", None) or data_report.get("skipped") or {})
+    if source != "shards":
+        return {"skipped": own}  # the generated captions are tokenised alike on every rank
+    if not complete:
+        return {"skipped_rank0": own}
+    total: dict[str, int] = {}
+    for counts in ckpt.all_gather(own):
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return {"skipped": total}
+
+
+def _failure_status(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{FAILED}: {type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def train(cfg: TrainConfig) -> Path:
+    """Run `cfg` and return its run directory. summary.json says `running` from the first moment, then
+    `completed`, one of the non-finite stops (REFUSED / CORRUPT*), or `failed: <reason>` on any exception."""
     use_ds = bool(cfg.distributed.ds_config)
     info = init_distributed(cfg.distributed.backend) if use_ds else DistInfo(0, 1, 0, torch.device("cpu"))
-    run_dir = prepare_run_dir(cfg, info.is_main)
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    # Refusals (an occupied folder, a resume that does not match) leave the folder untouched.
+    run_dir, identity, resume = prepare_run_dir(cfg, info)
+    run = {"status": RUNNING, "step": resume.step if resume else 0, "summary": {}}
+    try:
+        return _train(cfg, info, run_dir, identity, resume, run)
+    except BaseException as e:
+        if info.is_main and run["status"] == RUNNING:
+            run["status"] = _failure_status(e)
+            write_summary(run_dir, {**run["summary"], "status": run["status"], "step": run["step"],
+                                    "method": cfg.method.name, "world_size": info.world_size,
+                                    "error": "".join(traceback.format_exception_only(type(e), e)).strip()})
+        raise
+
+
+def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resume, run: dict) -> Path:
+    use_ds = bool(cfg.distributed.ds_config)
     seed_everything(cfg.optim.seed)
     dtype = DTYPES[cfg.model.dtype]
     # data.max_length is checked on the model's shapes, processor and template before any weight is
@@ -392,20 +388,36 @@ def train(cfg: TrainConfig) -> Path:
     step_fn = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device, dtype=dtype,
                              pad_token_id=pad_id, check_finite=cfg.optim.check_finite, timer=timer,
                              head_chunks=cfg.model.lm_head_chunks)
-    start = load_checkpoint(rt, run_dir) if cfg.output.resume else 0
+    start = ckpt.load_checkpoint(rt.engine, run_dir, resume.tag, resume.manifest) if resume else 0
     if start:
         batches, _ = build_data(cfg, adapter, info, start)  # the data position of the checkpoint
-    if info.is_main:
-        (run_dir / "data.json").write_text(json.dumps(
-            {**data_report, "world_size": info.world_size, "fixed_sample_tokens": fixed_tokens,
-             "unused_checkpoint_weights": adapter.loading.get("unexpected", []), "trainable": trainable_names},
-            indent=1, default=str))
+    data_json = {**data_report, "world_size": info.world_size, "fixed_sample_tokens": fixed_tokens,
+                 "unused_checkpoint_weights": adapter.loading.get("unexpected", []), "trainable": trainable_names}
+
+    def write_data_json(skips: dict) -> None:
+        if info.is_main:
+            out = {k: v for k, v in data_json.items() if k != "skipped"}
+            (run_dir / "data.json").write_text(json.dumps({**out, **skips}, indent=1, default=str))
+
+    write_data_json({"skipped": data_report["skipped"]})  # rewritten at the end with the final counts
+    record = run_record(cfg, identity)
+    run["summary"] = {"steps": total, "config_sha256": identity["config_sha256"],
+                      "resumed_from_step": start if resume else None}
 
     logger = MetricLogger(run_dir, cfg.logging, total, enabled=info.is_main)
     logger.advance(start)
     status, last = RUNNING, {}
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     dropped_spans: dict[str, int] = {}  # spans left out of kept captions (e.g. ending beyond data.max_length)
+
+    def summary(status: str, skips: dict) -> dict:
+        return {**run["summary"], "status": status, "step": run["step"], "method": cfg.method.name,
+                "world_size": info.world_size, "peak_memory_gb": peak_memory_gb(rt.device), "last_metrics": last,
+                "dropped_spans_rank0": dropped_spans, **skips}
+
+    # A non-finite stop's fix changes the config, which a resume refuses (docs/runs.md): a new run.
+    again = "run again (a new output.run_dir, or output.overwrite=true)"
+    kept = "an earlier checkpoint of this run, if any, holds the weights of its step"
     try:
         for step_idx, micro in enumerate(batches, start=start + 1):
             micro = [sequences(mb) for mb in micro]
@@ -419,6 +431,7 @@ def train(cfg: TrainConfig) -> Path:
             tokens_since += sum(len(s.input_ids) for mb in micro for s in mb)
             lr = rt.space.lr
             metrics = step_fn(micro)
+            run["step"] = step_idx
             logger.advance()
             if step_idx % cfg.logging.log_every == 0 or step_idx == total:
                 # The logging interval: the only place the loop waits for the device.
@@ -435,36 +448,51 @@ def train(cfg: TrainConfig) -> Path:
                     "perf/peak_mem_gb": peak_memory_gb(rt.device),
                 })
                 t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
-                if not all(math.isfinite(v) for v in last.values()):
-                    # Only reachable with optim.check_finite=false (no per-step check): the bad
-                    # update may already be in the weights, so stop, save nothing, point at the checkpoint.
+                bad = [k for k, v in last.items() if not math.isfinite(v)]
+                if bad:
+                    # The bad update may already be in the weights: stop, save nothing, point at the checkpoint.
+                    if cfg.optim.check_finite:
+                        # Every step's gradient norm was checked finite, so the update itself (the step size)
+                        # made the weights or a logged value non-finite.
+                        status = CORRUPT_CHECKED
+                        raise NonFiniteError(
+                            f"non-finite metrics at step {step_idx} ({', '.join(bad)}) although every gradient "
+                            f"norm was finite (optim.check_finite=true): the optimizer step itself (optim.lr = "
+                            f"{cfg.optim.lr:g}, optim.optimizer = {cfg.optim.optimizer}) made the weights or a logged "
+                            f"value non-finite, so the weights may be corrupt and are not saved ({kept}). Fix: {again} "
+                            "with a lower optim.lr (1e-5 in the paper).")
                     status = CORRUPT
                     raise NonFiniteError(
-                        f"non-finite metrics at step {step_idx} ({', '.join(k for k, v in last.items() if not math.isfinite(v))}) "
-                        "with optim.check_finite=false: the weights may be corrupt. Fix: resume from the last "
-                        "checkpoint with optim.check_finite=true and a lower optim.lr / method.lambda1 / method.rho.")
+                        f"non-finite metrics at step {step_idx} ({', '.join(bad)}) with optim.check_finite=false "
+                        f"(no per-step check): the weights may be corrupt and are not saved ({kept}). Fix: {again} "
+                        "with optim.check_finite=true and a lower optim.lr / method.lambda1 / method.rho.")
             if use_ds and cfg.output.save_every and step_idx % cfg.output.save_every == 0 and step_idx != total:
-                save_checkpoint(rt, run_dir, step_idx)
+                ckpt.save_checkpoint(rt.engine, run_dir, step_idx, record)
         status = COMPLETED
     except NonFiniteError:
         # Raised on every rank alike (the checked norm and the logged means are global), so the
         # collectives of the save below line up. Any other exception propagates without
         # collectives, so a failing rank cannot leave the others hanging.
         status = status if status != RUNNING else REFUSED
+        if status == REFUSED:  # the optimizer refused the bad update: the weights before it
+            save_trainable(rt, run_dir / "trainable.safetensors")
+        skips = _final_skips(batches, data_report, cfg.data.source, complete=False)
+        write_data_json(skips)
+        if info.is_main:
+            run["status"] = status
+            write_summary(run_dir, summary(status, skips))
         raise
     finally:
         logger.close()
-        if status in (COMPLETED, REFUSED):  # REFUSED: the optimizer refused the bad update: good weights
-            save_trainable(rt, run_dir / "trainable.safetensors")
-        if info.is_main and status != RUNNING:
-            (run_dir / "summary.json").write_text(json.dumps({
-                "status": status, "steps": total, "method": cfg.method.name, "world_size": info.world_size,
-                "peak_memory_gb": peak_memory_gb(rt.device), "last_metrics": last,
-                "dropped_spans_rank0": dropped_spans,
-            }, indent=1))
+    skips = _final_skips(batches, data_report, cfg.data.source, complete=True)
+    write_data_json(skips)
+    save_trainable(rt, run_dir / "trainable.safetensors")
     if use_ds and cfg.output.save_final:
-        save_checkpoint(rt, run_dir, total)
+        ckpt.save_checkpoint(rt.engine, run_dir, total, record)
     if cfg.output.export_hf:
         export_hf(rt, adapter, run_dir / "hf")
-    barrier()
+    barrier()  # every rank's files are written before the run is called completed
+    if info.is_main:
+        run["status"] = COMPLETED
+        write_summary(run_dir, summary(COMPLETED, skips))
     return run_dir
