@@ -121,8 +121,18 @@ def test_summary_says_running_during_the_run_and_failed_after_an_exception(kille
     assert status_during == "running"
     s = summary(run_dir)
     assert s["status"] == "failed: SimulatedKill: simulated kill in step 4", s
-    assert s["step"] == 3 and s["method"] == "sare"
+    assert s["step"] == 3 and s["method"] == "sare" and s["rank"] == 0  # the failing rank names itself
     assert steps_logged(run_dir) == [1, 2, 3]
+    # data.json of a failed run is rewritten with the skip counts as they stood (generated captions are
+    # tokenised alike on every rank: `skipped`; shards: this rank's own, `skipped_rank0`, below).
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["skipped"] == {} and "skipped_rank0" not in data
+    from types import SimpleNamespace
+
+    from sare_ds.train.trainer import _final_skips
+
+    stream = SimpleNamespace(skipped={"truncated_shard": 3})
+    assert _final_skips(stream, {"skipped": {}}, "shards", complete=False) == {"skipped_rank0": {"truncated_shard": 3}}
     assert not (run_dir / "trainable.safetensors").exists()  # weights of a failed run are not written
     identity = json.loads((run_dir / "run.json").read_text())["identity"]
     assert identity["world_size"] == 1 and identity["method"] == "sare"
@@ -165,16 +175,26 @@ def test_overwrite_refuses_folders_a_run_did_not_write(tiny_model_dir, tmp_path)
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.tex").write_text("x")
-    with pytest.raises(RunDirError, match=r"holds no training run .*does not empty other folders"):
+    with pytest.raises(RunDirError, match=r"holds no sare_ds training run .*does not empty other folders"):
         train_here(tiny_model_dir, other, "output.overwrite=true")
     assert (other / "thesis.tex").is_file()
+    # Another trainer's run folder (its own config.yaml, checkpoints/, tb/, metrics.jsonl): not sare_ds's, kept.
+    foreign = tmp_path / "other_trainer"
+    (foreign / "checkpoints").mkdir(parents=True)
+    (foreign / "tb").mkdir()
+    (foreign / "config.yaml").write_text("lr: 0.1\n")
+    (foreign / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RunDirError, match=r"holds no sare_ds training run"):
+        train_here(tiny_model_dir, foreign, "output.overwrite=true")
+    assert sorted(p.name for p in foreign.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "tb"]
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    (mixed / "summary.json").write_text('{"status": "completed"}')
+    (mixed / "summary.json").write_text('{"status": "completed", "method": "sare"}')
+    (mixed / ".summary.json.tmp4242").write_text("x")  # a killed writer's temporary file is the run's, not foreign
     (mixed / "eval_notes.md").write_text("x")
     with pytest.raises(RunDirError, match=r"files a training run does not write \(eval_notes.md\)"):
         train_here(tiny_model_dir, mixed, "output.overwrite=true")
-    assert sorted(p.name for p in mixed.iterdir()) == ["eval_notes.md", "summary.json"]
+    assert sorted(p.name for p in mixed.iterdir()) == [".summary.json.tmp4242", "eval_notes.md", "summary.json"]
 
 
 def test_overwrite_defaults_to_false():
@@ -186,6 +206,13 @@ def test_overwrite_defaults_to_false():
 def test_resume_after_a_kill_skips_the_incomplete_checkpoint_and_repeats_no_step(killed, uninterrupted, tiny_model_dir,
                                                                                  tmp_path, caplog):
     run_dir = copy_run(killed[0], tmp_path)
+    # An earlier attempt's final weights are not this run's result: resume drops them, evaluation refuses
+    # a run whose summary says running or failed.
+    (run_dir / "trainable.safetensors").write_bytes(b"stale")
+    from sare_ds.eval.weights import load_method_model
+
+    with pytest.raises(ValueError, match=r"summary.json says the run is 'failed: SimulatedKill"):
+        load_method_model(run_dir)
     # A kill while checkpoint 3 was written: DeepSpeed's files there, no manifest.
     partial = run_dir / "checkpoints" / "step0000003"
     partial.mkdir()
@@ -419,3 +446,17 @@ def test_data_fingerprint_of_shards_names_what_changed(tmp_path):
     (curated / "cap-000001.tar").write_bytes(b"x" * 512)  # truncated
     changed = _data_differences(before, data_fingerprint(cfg))
     assert changed == [f"shards changed (1: {curated / 'cap-000001.tar'}; missing, added or of another size)"]
+
+
+def test_the_deepspeed_json_contents_belong_to_the_run(tmp_path):
+    """Editing the ds_config file between save and resume changes what is trained: the comparable config
+    holds its contents, so the resume check names the edited key."""
+    from sare_ds.train.runs import comparable_config, config_differences
+
+    path = tmp_path / "zero2.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8}}))
+    cfg = load_config(None, [f"distributed.ds_config={path}"])
+    before = comparable_config(cfg)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e7}}))
+    diff = config_differences(before, comparable_config(cfg))
+    assert diff == ["ds_config_file.zero_optimization.reduce_bucket_size: 500000000.0 -> 50000000.0"]

@@ -35,6 +35,16 @@ def zero3_inference_config(dtype: str) -> dict:
             "steps_per_print": 1_000_000}
 
 
+def _run_status(run_dir: Path) -> str | None:
+    """summary.json's status of a training run folder (None: no readable summary, e.g. older runs)."""
+    import json
+
+    try:
+        return str(json.loads((run_dir / "summary.json").read_text()).get("status"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_method_model(run_dir: str | Path | None, *, base: str | None = None, dtype: str | None = None,
                       device: str | torch.device = "cpu", zero3: bool = False):
     """Adapter of base + run weights (or the bare base when run_dir is None), frozen, eval mode."""
@@ -50,6 +60,11 @@ def load_method_model(run_dir: str | Path | None, *, base: str | None = None, dt
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} does not exist; pass the directory of a finished training run "
                                     "(it writes trainable.safetensors) or no run for the base model")
+        status = _run_status(run_dir)
+        if status is not None and (status == "running" or status.startswith("failed")):
+            raise ValueError(f"{run_dir}: summary.json says the run is {status!r}, so its trainable.safetensors is not "
+                             "this run's result (a resumed or failed run keeps no final weights). Fix: evaluate a "
+                             "completed run, or finish this one (output.resume=true)")
         if (run_dir / "config.yaml").is_file():
             model_cfg = load_config(run_dir / "config.yaml").model
     if base is not None:

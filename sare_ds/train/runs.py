@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import socket
 import time
@@ -34,7 +35,8 @@ RUN_FILES = ("config.yaml", "run.json", "summary.json", "metrics.jsonl", "data.j
              "tb", "hf", CHECKPOINTS)
 """Everything a training run writes into its directory."""
 RUN_MARKERS = ("config.yaml", "summary.json", "run.json")
-"""A directory holding one of these was written by a training run."""
+"""The files by which a folder may be a training run's (`is_sare_run` reads them)."""
+_TMP = re.compile(r"^\..+\.tmp\d+$")  # write_atomic's temporary file, left by a killed writer
 RUNNING = "running"
 
 
@@ -45,7 +47,15 @@ class RunDirError(FileExistsError):
 # ------------------------------------------------------------------------------ identity
 
 def comparable_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in VOLATILE_SECTIONS}
+    """The config a resume must match: every section but output/logging, and the DeepSpeed JSON's
+    contents (`ds_config_file`: editing the file between save and resume changes the run too)."""
+    out = {k: v for k, v in to_dict(cfg).items() if k not in VOLATILE_SECTIONS}
+    if cfg.distributed.ds_config:
+        try:
+            out["ds_config_file"] = json.loads(Path(cfg.distributed.ds_config).read_text())
+        except (OSError, ValueError):
+            out["ds_config_file"] = f"<unreadable: {cfg.distributed.ds_config}>"
+    return out
 
 
 def config_hash(comparable: dict) -> str:
@@ -143,16 +153,38 @@ def _describe(run_dir: Path) -> str:
     return f"is not empty ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
 
 
+def is_sare_run(run_dir: Path) -> bool:
+    """The folder was written by a sare_ds training run: its run.json holds a run identity, or its
+    summary.json a status and a method, or its config.yaml is sare_ds's resolved config (runs written
+    before run.json). A foreign trainer's config.yaml, checkpoints/ or tb/ alone do not count."""
+    def read(name):
+        try:
+            return json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    record, summary = read("run.json"), read("summary.json")
+    if isinstance(record, dict) and "identity" in record:
+        return True
+    if isinstance(summary, dict) and {"status", "method"} <= set(summary):
+        return True
+    try:
+        with open(run_dir / "config.yaml", encoding="utf-8") as f:
+            return f.readline().startswith("# Resolved sare_ds configuration")
+    except OSError:
+        return False
+
+
 def _clear_previous_run(run_dir: Path) -> None:
     """overwrite=true: remove every file of the previous run; refuse a folder a run did not write."""
     entries = sorted(run_dir.iterdir())
     if not entries:
         return
-    names = {p.name for p in entries}
-    if not names & set(RUN_MARKERS):
+    names = {p.name for p in entries if not _TMP.match(p.name)}
+    if not is_sare_run(run_dir):
         raise RunDirError(
-            f"output.run_dir = {run_dir} {_describe(run_dir)} and holds no training run (no config.yaml, "
-            "run.json or summary.json): output.overwrite=true only replaces a previous run's directory, it does "
+            f"output.run_dir = {run_dir} {_describe(run_dir)} and holds no sare_ds training run (no run.json "
+            "with a run identity, summary.json with a status, or sare_ds config.yaml): output.overwrite=true only replaces a previous run's directory, it does "
             "not empty other folders. Fix: choose a new or empty output.run_dir")
     foreign = sorted(names - set(RUN_FILES))
     if foreign:
@@ -284,13 +316,21 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, dict, Resum
             except ValueError:
                 pass
             record.setdefault("resumed", []).append({"step": resume.step, "checkpoint": resume.tag,
-                                                     "skipped": resume.skipped,
+                                                     "skipped": resume.skipped, "host": socket.gethostname(),
+                                                     "pid": os.getpid(),
                                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         write_atomic(record_path, json.dumps(record, indent=1, default=str))
         write_summary(run_dir, {"status": RUNNING, "method": cfg.method.name, "world_size": info.world_size,
                                 "steps": None, "step": resume.step if resume else 0,
                                 "config_sha256": identity["config_sha256"]})
         if resume is not None:
+            # The final weights of an earlier attempt are not this run's result until it completes again.
+            for stale in ("trainable.safetensors", "hf"):
+                path = run_dir / stale
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
             dropped = truncate_metrics(run_dir / "metrics.jsonl", resume.step)
             if dropped:
                 log.info("metrics.jsonl: %d rows after step %d dropped (they are logged again)", dropped, resume.step)
@@ -306,7 +346,7 @@ def _decide(cfg: TrainConfig, run_dir: Path, identity: dict) -> ResumePoint | No
         raise RunDirError(f"output.run_dir = {run_dir} is a file; fix: choose a directory path")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not cfg.output.overwrite:
-            if not {p.name for p in run_dir.iterdir()} & set(RUN_MARKERS):
+            if not is_sare_run(run_dir):
                 raise RunDirError(
                     f"output.run_dir = {run_dir} {_describe(run_dir)} and output.overwrite is false; it holds no "
                     "training run, so there is no run to replace or resume there. Fix: choose a new or empty "

@@ -337,11 +337,18 @@ def train(cfg: TrainConfig) -> Path:
     try:
         return _train(cfg, info, run_dir, identity, resume, run)
     except BaseException as e:
-        if info.is_main and run["status"] == RUNNING:
+        if run["status"] == RUNNING:
+            # Every rank that fails records it (atomically, naming its rank): a rank-local failure (its shard,
+            # its memory) leaves rank 0 waiting in a collective until the launcher kills it, so rank 0 alone
+            # could not say `failed`.
             run["status"] = _failure_status(e)
             write_summary(run_dir, {**run["summary"], "status": run["status"], "step": run["step"],
-                                    "method": cfg.method.name, "world_size": info.world_size,
+                                    "method": cfg.method.name, "world_size": info.world_size, "rank": info.rank,
                                     "error": "".join(traceback.format_exception_only(type(e), e)).strip()})
+            if info.is_main and run.get("write_data_json") is not None:
+                # data.json of a failed run: this rank's own skip counts, named so (no collective here).
+                run["write_data_json"](_final_skips(run["batches"], run["data_report"], cfg.data.source,
+                                                    complete=False))
         raise
 
 
@@ -400,6 +407,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resu
             (run_dir / "data.json").write_text(json.dumps({**out, **skips}, indent=1, default=str))
 
     write_data_json({"skipped": data_report["skipped"]})  # rewritten at the end with the final counts
+    run.update(write_data_json=write_data_json, data_report=data_report, batches=batches)
     record = run_record(cfg, identity)
     run["summary"] = {"steps": total, "config_sha256": identity["config_sha256"],
                       "resumed_from_step": start if resume else None}
