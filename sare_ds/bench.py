@@ -13,7 +13,7 @@ sample), built as `Caption` records with random images, so packed and unpacked t
 same curated samples.
 
 What is measured, with the library's own code paths (`tokenize_caption`, `UnlearningStep`,
-`PlainParameterSpace`, the step's `PhaseTimer`; under `--zero3` `build_deepspeed` and the ZeRO-3
+`PlainParameterSpace`, the step's `PhaseTimer`; under `--zero3` the DeepSpeed backend's build and the ZeRO-3
 parameter space):
 - the wall time of one EPOCH over the captions per configuration, repetitions interleaved step by
   step (step 1 of A, B, C, step 2 of A, B, C, ...: every configuration runs the same steps), medians,
@@ -728,14 +728,12 @@ def zero3_worker(args) -> None:
     """One rank of the 2-rank measurement (started by `run_zero3` through the deepspeed launcher)."""
     counter = CommCounter()
     counter.install()
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
     from sare_ds.config import load_config
     from sare_ds.dist import init_distributed
-    from sare_ds.train.ds_config import build_ds_config, zero_stage
+    from sare_ds.train.backend import DeepSpeedBackend
+    from sare_ds.train.ds_config import build_ds_config
     from sare_ds.train.step import UnlearningStep
     from sare_ds.train.timing import PhaseTimer
-    from sare_ds.train.trainer import build_deepspeed
 
     from deepspeed.utils import groups as ds_groups
 
@@ -769,7 +767,8 @@ def zero3_worker(args) -> None:
                 zero["stage3_model_persistence_threshold"] = int(float(zero["stage3_model_persistence_threshold"])
                                                                  * model_numel(shape))
             ds["zero_optimization"].update(zero)
-            keep = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None  # noqa: F841 (zero.Init while alive)
+            backend = DeepSpeedBackend(ds, info)  # the trainer's build (sare_ds.train.backend)
+            backend.before_model_load()  # ZeRO-3: the model is built under zero.Init while `backend` lives
             # zero.Init creates hpZ's intra-node group and refuses a second one in the process (a training
             # run builds one model): forget the previous model's group before building the next.
             ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
@@ -778,7 +777,7 @@ def zero3_worker(args) -> None:
             adapter.model.train()
             facts = model_facts(adapter)
             params = [p for p in adapter.model.parameters() if p.requires_grad]
-            rt = build_deepspeed(cfg, adapter.model, params, ds, info, steps_total)
+            rt = backend.build(cfg, adapter.model, params, steps_total)
             timer = CountingTimer(rt.device)
             step = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device,
                                   dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id, timer=timer,
@@ -813,7 +812,7 @@ def zero3_worker(args) -> None:
                    "model": facts, "steps": per_step, "metrics": metrics,
                    "persistent_trainable": sum(bool(getattr(p, "ds_persist", False)) for p in rt.space.params),
                    "persistent_share": sum(p.ds_numel for p in module.parameters() if getattr(p, "ds_persist", False))
-                   / max(1, facts["parameters"]) if zero_stage(ds) == 3 else 1.0,
+                   / max(1, facts["parameters"]) if backend.stage == 3 else 1.0,
                    "perturbation_seen": probe.result(metrics[0] if metrics else {}),
                    "zero_optimization": {k: v for k, v in ds["zero_optimization"].items()}}
             out["runs"].append(run)
@@ -822,7 +821,7 @@ def zero3_worker(args) -> None:
                 print(f"[zero3] {variant['name']:<18} {method}/{'packed' if packing else 'unpacked':<9} "
                       f"gathered {gathered / 2**20:8.2f} MiB / step", flush=True)
             rt.engine.destroy()
-            del rt, step, adapter, params, keep
+            del rt, step, adapter, params, backend
             import gc
 
             gc.collect()

@@ -26,6 +26,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default process group ((0, 1) without one): the
+    package's one rank/world helper (sare_ds.eval.distributed and sare_ds.train.checkpoint use it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def launched_by_mpi() -> bool:
     return "OMPI_COMM_WORLD_SIZE" in os.environ and "RANK" not in os.environ
 

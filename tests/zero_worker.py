@@ -23,10 +23,11 @@ import torch  # noqa: E402
 import sare_ds  # noqa: E402,F401
 from sare_ds.config import load_config  # noqa: E402
 from sare_ds.dist import init_distributed, shutdown  # noqa: E402
-from sare_ds.models import load_mllm, select_trainable  # noqa: E402
+from sare_ds.models import select_trainable  # noqa: E402
+from sare_ds.train.backend import DeepSpeedBackend  # noqa: E402
 from sare_ds.train.ds_config import build_ds_config  # noqa: E402
 from sare_ds.train.step import UnlearningStep  # noqa: E402
-from sare_ds.train.trainer import build_data, build_deepspeed, sequences  # noqa: E402
+from sare_ds.train.trainer import build_data, sequences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,13 +52,11 @@ def run(model_dir: str, threshold: float, shared: bool, info) -> dict:
         "method.rho=0.5", "data.source=synthetic", "data.num_images=16", "optim.max_steps=2"])
     ds = build_ds_config(cfg, info.world_size, False)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
-    keep = HfDeepSpeedConfig(ds)  # noqa: F841
-    adapter = load_mllm(cfg.model)
+    backend = DeepSpeedBackend(ds, info)  # the trainer's build (sare_ds.train.backend)
+    adapter = backend.load_model(cfg.model)  # partitioned (zero.Init) while `backend` lives
     select_trainable(adapter, cfg.model)
     params = [p for p in adapter.model.parameters() if p.requires_grad]
-    rt = build_deepspeed(cfg, adapter.model, params, ds, info, 4)
+    rt = backend.build(cfg, adapter.model, params, 4)
     step = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device,
                           dtype=torch.float32, pad_token_id=adapter.tokenizer.pad_token_id)
     composer, _ = build_data(cfg, adapter, info, 0)

@@ -16,14 +16,10 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from sare_ds.dist import rank_and_world  # noqa: F401  (the package's one rank/world helper, re-exported)
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def shard_indices(num_items: int, rank: int, world: int, pad: bool) -> tuple[list[int], int]:

@@ -13,6 +13,8 @@ With `zero3=True` (several ranks, e.g. a 13B model that fits no single GPU) the 
 under ZeRO-3 partitioning (`zero.Init` through transformers' HfDeepSpeedConfig), the run's
 tensors are written into the partitions while gathered, and DeepSpeed's engine adds the
 parameter gathering hooks; every rank must then join every forward (`synced_gpus=True`).
+The DeepSpeed side of this (the ZeRO-3 inference config, partitioned loading, the gathered write,
+the engine) is sare_ds.train.backend's `inference_backend`.
 """
 from __future__ import annotations
 
@@ -21,18 +23,11 @@ from pathlib import Path
 import torch
 
 from sare_ds.config import ModelConfig, load_config
+from sare_ds.train.backend import inference_backend, parameter_shape, zero3_inference_config  # noqa: F401
 
 
 class RunWeightsError(ValueError):
     """A run's weights do not fit the model they are loaded into."""
-
-
-def zero3_inference_config(dtype: str) -> dict:
-    """A minimal DeepSpeed config for ZeRO-3 inference (no optimizer)."""
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-            "bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"},
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e5},
-            "steps_per_print": 1_000_000}
 
 
 def _run_status(run_dir: Path) -> str | None:
@@ -50,7 +45,7 @@ def load_method_model(run_dir: str | Path | None, *, base: str | None = None, dt
     """Adapter of base + run weights (or the bare base when run_dir is None), frozen, eval mode."""
     from safetensors.torch import load_file
 
-    from sare_ds.models import load_mllm, select_trainable
+    from sare_ds.models import select_trainable
 
     model_cfg = ModelConfig()
     weights = None
@@ -71,20 +66,14 @@ def load_method_model(run_dir: str | Path | None, *, base: str | None = None, dt
         model_cfg.name_or_path = str(base)
     if dtype is not None:
         model_cfg.dtype = dtype
-    if zero3:
-        from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
-        ds_config = zero3_inference_config(model_cfg.dtype)
-        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (from_pretrained partitions while it lives)
-        adapter = load_mllm(model_cfg)
-    else:
-        adapter = load_mllm(model_cfg)
+    backend = inference_backend(model_cfg.dtype, zero3)
+    adapter = backend.load_model(model_cfg)  # ZeRO-3: from_pretrained partitions while `backend` lives
     if weights is not None:
         if model_cfg.trainable == "mapping+lora":
             select_trainable(adapter, model_cfg)  # wraps the LLM with the same LoRA layout
         state = load_file(str(weights))
         # Full shapes (a ZeRO-3 partitioned parameter keeps its own in ds_shape).
-        own = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in adapter.model.named_parameters()}
+        own = {n: parameter_shape(p) for n, p in adapter.model.named_parameters()}
         unknown = [k for k in state if k not in own]
         wrong = [k for k in state if k in own and own[k] != tuple(state[k].shape)]
         if unknown or wrong:
@@ -92,25 +81,8 @@ def load_method_model(run_dir: str | Path | None, *, base: str | None = None, dt
                 f"{weights}: {len(unknown)} tensors have no parameter of that name in {model_cfg.name_or_path} "
                 f"(e.g. {unknown[:3]}) and {len(wrong)} have another shape (e.g. {wrong[:3]}); fix: pass the base "
                 "checkpoint the run was trained from (base=...)")
-        if zero3:
-            import deepspeed
-
-            named = dict(adapter.model.named_parameters())
-            # Gather the trained parameters, write them on rank 0, re-partition on exit.
-            with deepspeed.zero.GatheredParameters([named[k] for k in state], modifier_rank=0):
-                with torch.no_grad():
-                    for k, v in state.items():
-                        named[k].copy_(v)
-        else:
-            adapter.model.load_state_dict(state, strict=False)
+        backend.load_state(adapter.model, state)  # ZeRO-3: into the partitions while gathered
     for p in adapter.model.parameters():
         p.requires_grad_(False)
-    if zero3:
-        import deepspeed
-
-        engine, *_ = deepspeed.initialize(model=adapter.model, config=ds_config)
-        adapter.model = engine.module  # its forward now gathers the partitions layer by layer
-        adapter.model.eval()
-        return adapter
-    adapter.model.to(device).eval()
+    adapter.model = backend.build_inference(adapter.model, device)  # eval mode; ZeRO-3: the engine's module
     return adapter

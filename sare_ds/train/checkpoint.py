@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sare_ds.config import ConfigError
-from sare_ds.dist import barrier, broadcast_object
+from sare_ds.dist import barrier, broadcast_object, rank_and_world
 
 log = logging.getLogger("sare_ds.train")
 
@@ -79,11 +79,7 @@ def all_gather(obj) -> list:
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_and_world()  # sare_ds.dist's, the package's one helper
 
 
 # ------------------------------------------------------------------------------ files

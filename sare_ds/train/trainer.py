@@ -2,8 +2,11 @@
 
     run_dir = train(load_config("launch/configs/tiny_random.yaml"))
 
-One process (`distributed.ds_config` empty: PlainParameterSpace) or DeepSpeed ZeRO-2/3 on
-any number of ranks (Zero{2,3}ParameterSpace); the step and the loop are the same code.
+One process (`distributed.ds_config` empty: PlainBackend, PlainParameterSpace) or DeepSpeed ZeRO-2/3 on
+any number of ranks (DeepSpeedBackend, Zero{2,3}ParameterSpace; sare_ds.train.backend); the step and the
+loop are the same code. `train` is `build_run` (model, data, backend, step, resume point), `run_loop`
+(the steps, logging, periodic checkpoints) and `finish_run` (weights, final checkpoint, hf/, summary),
+each usable alone on the `Training` that build_run returns.
 Writes into `output.run_dir` (rank 0), which belongs to this run (sare_ds.train.runs, docs/runs.md):
 summary.json (`running` from the start; `completed`, a non-finite stop or `failed: <reason>`),
 run.json (the run's identity), config.yaml (resolved), metrics.jsonl, tb/, data.json (samples per
@@ -19,7 +22,7 @@ import math
 import random
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +36,11 @@ from sare_ds.data.tokenize import TYPICAL_CAPTION_TOKENS, fixed_sample_tokens, t
 from sare_ds.dist import DistInfo, barrier, init_distributed, mean_over_ranks
 from sare_ds.models import DTYPES, load_mllm, select_trainable
 from sare_ds.train import checkpoint as ckpt
+from sare_ds.train.backend import (  # noqa: F401  (build_*, Runtime, lr_multiplier, merge_lora_state: re-exported)
+    Backend, Runtime, backend_for, backend_of, build_deepspeed, build_optimizer, build_plain, lr_multiplier,
+    merge_lora_state)
 from sare_ds.train.logging import MetricLogger
-from sare_ds.train.params import NonFiniteError, ParameterSpace, PlainParameterSpace
+from sare_ds.train.params import NonFiniteError
 from sare_ds.train.runs import RUNNING, prepare_run_dir, run_record, shard_spec, write_summary
 from sare_ds.train.step import UnlearningStep
 from sare_ds.train.timing import PhaseTimer
@@ -54,28 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_optimizer(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.Optimizer:
-    if optim_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                                 eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay)
-    return torch.optim.SGD(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-
-
-def lr_multiplier(optim_cfg, total_steps: int):
-    """Linear warm-up, then constant or cosine decay to 0 (a function of the step index)."""
-    warm = optim_cfg.warmup_steps
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if optim_cfg.schedule == "cosine":
-            progress = (step - warm) / max(1, total_steps - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
 
 
 class CaptionTokenizer:
@@ -181,126 +165,25 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-# ------------------------------------------------------------------------------ runtimes
-
-@dataclass
-class Runtime:
-    """What the loop drives: the forward callable, where the parameters live, the device."""
-
-    model: torch.nn.Module  # the module, or the DeepSpeed engine wrapping it
-    space: ParameterSpace
-    device: torch.device
-    dist: DistInfo
-    engine: object | None = None
-    stage: int = 0
-
-
-def build_plain(cfg: TrainConfig, model, params, total_steps: int) -> Runtime:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    optimizer = build_optimizer(params, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, total_steps))
-    space = PlainParameterSpace(params, optimizer, scheduler, cfg.optim.clip_grad_norm)
-    return Runtime(model, space, device, DistInfo(0, 1, 0, device))
-
-
-def build_deepspeed(cfg: TrainConfig, model, params, ds_config: dict, info: DistInfo, total_steps: int) -> Runtime:
-    import deepspeed
-
-    from sare_ds.train.ds_config import zero_stage
-    from sare_ds.train.zero_params import zero_parameter_space
-
-    client_optimizer = None if "optimizer" in ds_config else build_optimizer(params, cfg.optim)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=client_optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.optim, total_steps)),
-    )
-    stage = zero_stage(ds_config)
-    space = zero_parameter_space(engine, stage, cfg.distributed.zero3_shared_forward)
-    return Runtime(engine, space, engine.device, info, engine, stage)
-
-
 # ------------------------------------------------------------------------- weights out
+# Runtime, build_plain, build_deepspeed, merge_lora_state: sare_ds.train.backend (re-exported here).
 
 def _trainable_state(rt: Runtime) -> dict[str, torch.Tensor]:
     """Trained parameters by name, gathered to full tensors (every rank calls this)."""
-    module = rt.engine.module if rt.engine is not None else rt.model
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if rt.stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().to("cpu").clone().contiguous() for n, p in named}
-    return {n: p.detach().to("cpu").contiguous() for n, p in named}
+    return backend_of(rt).trainable_state(rt)
 
 
-def save_trainable(rt: Runtime, path: Path) -> None:
+def save_trainable(rt: Runtime, path: Path, backend: Backend | None = None) -> None:
     from safetensors.torch import save_file
 
-    state = _trainable_state(rt)
+    state = (backend or backend_of(rt)).trainable_state(rt)
     if rt.dist.is_main:
         save_file(state, str(path))
 
 
-def export_hf(rt: Runtime, adapter, out_dir: Path) -> None:
+def export_hf(rt: Runtime, adapter, out_dir: Path, backend: Backend | None = None) -> None:
     """Full model in Hugging Face format (config, weights, processor), loadable without sare_ds."""
-    if rt.stage == 3:
-        # Gathers the partitions layer by layer onto rank 0 (needs
-        # stage3_gather_16bit_weights_on_model_save, which build_ds_config keeps in our JSONs).
-        state = rt.engine._zero3_consolidated_16bit_state_dict()
-    else:
-        module = rt.engine.module if rt.engine is not None else rt.model
-        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    if rt.dist.is_main:
-        module = rt.engine.module if rt.engine is not None else rt.model
-        if hasattr(module, "peft_config"):
-            # LoRA run: merge W + (alpha / r) B A into the base weights, so hf/ is a plain checkpoint of
-            # the trained model (trained projector included) that transformers loads alone.
-            state = merge_lora_state(state, module.peft_config)
-            module = module.get_base_model()
-            log.info("LoRA run: hf/ holds the merged model (LoRA folded into the base weights)")
-        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        adapter.processor.save_pretrained(out_dir)
-
-
-def merge_lora_state(state: dict[str, torch.Tensor], peft_config: dict) -> dict[str, torch.Tensor]:
-    """A PEFT model's state dict -> its base model's, with every LoRA pair folded into its weight.
-
-    W' = W + scale * B @ A (scale = lora_alpha / r, or / sqrt(r) with rsLoRA), computed in fp32 and
-    cast to W's dtype; names lose PEFT's `base_model.model.` prefix and `.base_layer` infix.
-    """
-    if list(peft_config) != ["default"]:
-        raise ValueError(f"LoRA export supports one adapter named 'default', found {list(peft_config)}")
-    lcfg = peft_config["default"]
-    if getattr(lcfg, "use_dora", False) or getattr(lcfg, "fan_in_fan_out", False):
-        raise ValueError("LoRA export: DoRA and fan_in_fan_out adapters do not merge as W + scale * B @ A; "
-                         "sare_ds builds neither (model.lora_*), so this PEFT model was configured elsewhere")
-    scale = lcfg.lora_alpha / (math.sqrt(lcfg.r) if getattr(lcfg, "use_rslora", False) else lcfg.r)
-    prefix = "base_model.model."
-    out: dict[str, torch.Tensor] = {}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        name = key[len(prefix):] if key.startswith(prefix) else key
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.default.weight"
-            if name.endswith(marker):
-                pairs.setdefault(name[: -len(marker)], {})[part] = value
-                break
-        else:
-            out[name.replace(".base_layer.", ".")] = value
-    stray = [k for k in out if "lora_" in k]
-    if stray:  # e.g. an embedding's lora_embedding_A/B: not a Linear pair, would be left unmerged
-        raise ValueError(f"LoRA export: {len(stray)} LoRA tensors are not Linear A/B pairs ({', '.join(stray[:4])}); "
-                         "they cannot be merged by W + scale * B @ A")
-    for module_name, ab in pairs.items():
-        weight_key = f"{module_name}.weight"
-        if set(ab) != {"lora_A", "lora_B"} or weight_key not in out:
-            raise ValueError(f"LoRA export: {module_name} has {sorted(ab)} and base weight "
-                             f"{'present' if weight_key in out else 'missing'}; the state dict is incomplete")
-        w = out[weight_key]
-        delta = ab["lora_B"].float() @ ab["lora_A"].float()
-        out[weight_key] = (w.float() + scale * delta).to(w.dtype)
-    return out
+    (backend or backend_of(rt)).export_hf(rt, adapter, out_dir)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -353,7 +236,47 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resume, run: dict) -> Path:
-    use_ds = bool(cfg.distributed.ds_config)
+    training = build_run(cfg, info, run_dir, identity, resume, run)
+    run_loop(training)
+    return finish_run(training)
+
+
+@dataclass
+class Training:
+    """A built run (`build_run`): what the loop (`run_loop`) drives and the finish (`finish_run`) writes.
+    `run` is train()'s record of the run's status, step and summary fields (read on a failure)."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    run_dir: Path
+    run: dict
+    backend: Backend
+    adapter: object
+    rt: Runtime
+    step_fn: UnlearningStep
+    timer: PhaseTimer
+    batches: object
+    data_report: dict
+    data_json: dict
+    record: dict
+    total: int
+    start: int
+    last: dict = field(default_factory=dict)  # the last logged metrics
+    dropped_spans: dict = field(default_factory=dict)  # spans left out of kept captions (e.g. beyond max_length)
+
+    def write_data_json(self, skips: dict) -> None:
+        if self.info.is_main:
+            out = {k: v for k, v in self.data_json.items() if k != "skipped"}
+            (self.run_dir / "data.json").write_text(json.dumps({**out, **skips}, indent=1, default=str))
+
+    def summary(self, status: str, skips: dict) -> dict:
+        return {**self.run["summary"], "status": status, "step": self.run["step"], "method": self.cfg.method.name,
+                "world_size": self.info.world_size, "peak_memory_gb": peak_memory_gb(self.rt.device),
+                "last_metrics": self.last, "dropped_spans_rank0": self.dropped_spans, **skips}
+
+
+def build_run(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resume, run: dict) -> Training:
+    """Model, data, backend (engine, parameter space), step and the checkpoint to resume from; writes data.json."""
     seed_everything(cfg.optim.seed)
     dtype = DTYPES[cfg.model.dtype]
     # data.max_length is checked on the model's shapes, processor and template before any weight is
@@ -362,18 +285,8 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resu
     fixed_tokens = check_max_length(cfg, shapes) if shapes.processor is not None else None
     del shapes
 
-    ds_config, hf_ds_config = None, None
-    if use_ds:
-        from sare_ds.train.ds_config import build_ds_config, zero_stage
-
-        ds_config = build_ds_config(cfg, info.world_size, torch.cuda.is_available())
-        if zero_stage(ds_config) == 3:
-            # While this object lives, from_pretrained builds the model under zero.Init: each rank
-            # materialises only its partition (13B+ models never exist whole on one rank).
-            from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
-            hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    adapter = load_mllm(cfg.model)
+    backend = backend_for(cfg, info)  # the DeepSpeed JSON is built and checked here
+    adapter = backend.load_model(cfg.model)  # ZeRO-3: from_pretrained partitions over the ranks while it lives
     if fixed_tokens is None:  # no processor without the weights (e.g. a hub id's remote files): check now
         fixed_tokens = check_max_length(cfg, adapter)
     trainable_names = select_trainable(adapter, cfg.model)
@@ -386,8 +299,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resu
     batches, data_report = build_data(cfg, adapter, info, 0)
     total = data_report["steps"]
     kernels.set_backend(cfg.optim.kernels)
-    rt = (build_deepspeed(cfg, model, params, ds_config, info, total) if use_ds
-          else build_plain(cfg, model, params, total))
+    rt = backend.build(cfg, model, params, total)
     timer = PhaseTimer(rt.device)
     pad_id = adapter.tokenizer.pad_token_id
     if pad_id is None:
@@ -395,33 +307,32 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resu
     step_fn = UnlearningStep(rt.model, adapter.forward_inputs, rt.space, cfg.method, device=rt.device, dtype=dtype,
                              pad_token_id=pad_id, check_finite=cfg.optim.check_finite, timer=timer,
                              head_chunks=cfg.model.lm_head_chunks)
-    start = ckpt.load_checkpoint(rt.engine, run_dir, resume.tag, resume.manifest) if resume else 0
+    start = backend.load_checkpoint(rt, run_dir, resume.tag, resume.manifest) if resume else 0
     if start:
         batches, _ = build_data(cfg, adapter, info, start)  # the data position of the checkpoint
     data_json = {**data_report, "world_size": info.world_size, "fixed_sample_tokens": fixed_tokens,
                  "unused_checkpoint_weights": adapter.loading.get("unexpected", []), "trainable": trainable_names}
+    training = Training(cfg, info, run_dir, run, backend, adapter, rt, step_fn, timer, batches, data_report,
+                        data_json, {}, total, start)
 
-    def write_data_json(skips: dict) -> None:
-        if info.is_main:
-            out = {k: v for k, v in data_json.items() if k != "skipped"}
-            (run_dir / "data.json").write_text(json.dumps({**out, **skips}, indent=1, default=str))
-
-    write_data_json({"skipped": data_report["skipped"]})  # rewritten at the end with the final counts
-    run.update(write_data_json=write_data_json, data_report=data_report, batches=batches)
-    record = run_record(cfg, identity)
+    training.write_data_json({"skipped": data_report["skipped"]})  # rewritten at the end with the final counts
+    run.update(write_data_json=training.write_data_json, data_report=data_report, batches=batches)
+    training.record = run_record(cfg, identity)
     run["summary"] = {"steps": total, "config_sha256": identity["config_sha256"],
                       "resumed_from_step": start if resume else None}
+    return training
 
+
+def run_loop(tr: Training) -> None:
+    """Every step of the data: the step, logging at the interval, periodic checkpoints. A non-finite stop
+    saves what it can, writes data.json and summary.json and raises NonFiniteError."""
+    cfg, info, rt, run, run_dir = tr.cfg, tr.info, tr.rt, tr.run, tr.run_dir
+    total, start, batches, timer = tr.total, tr.start, tr.batches, tr.timer
     logger = MetricLogger(run_dir, cfg.logging, total, enabled=info.is_main)
     logger.advance(start)
-    status, last = RUNNING, {}
+    status = RUNNING
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
-    dropped_spans: dict[str, int] = {}  # spans left out of kept captions (e.g. ending beyond data.max_length)
-
-    def summary(status: str, skips: dict) -> dict:
-        return {**run["summary"], "status": status, "step": run["step"], "method": cfg.method.name,
-                "world_size": info.world_size, "peak_memory_gb": peak_memory_gb(rt.device), "last_metrics": last,
-                "dropped_spans_rank0": dropped_spans, **skips}
+    dropped_spans = tr.dropped_spans
 
     # A non-finite stop's fix changes the config, which a resume refuses (docs/runs.md): a new run.
     again = "run again (a new output.run_dir, or output.overwrite=true)"
@@ -438,7 +349,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resu
             samples_since += sum(len(mb) for mb in micro)
             tokens_since += sum(len(s.input_ids) for mb in micro for s in mb)
             lr = rt.space.lr
-            metrics = step_fn(micro)
+            metrics = tr.step_fn(micro)
             run["step"] = step_idx
             logger.advance()
             if step_idx % cfg.logging.log_every == 0 or step_idx == total:
@@ -448,7 +359,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resu
                 elapsed = time.perf_counter() - t_last
                 n = step_idx % cfg.logging.log_every or cfg.logging.log_every
                 world = info.world_size
-                last = logger.log(step_idx, {
+                last = tr.last = logger.log(step_idx, {
                     **metrics, "train/lr": lr, "perf/step_time_s": elapsed / n,
                     "perf/samples_per_s": world * samples_since / elapsed,  # sequences forwarded (a caption, packed)
                     "perf/tokens_per_s": world * tokens_since / elapsed,
@@ -474,33 +385,39 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, resu
                         f"non-finite metrics at step {step_idx} ({', '.join(bad)}) with optim.check_finite=false "
                         f"(no per-step check): the weights may be corrupt and are not saved ({kept}). Fix: {again} "
                         "with optim.check_finite=true and a lower optim.lr / method.lambda1 / method.rho.")
-            if use_ds and cfg.output.save_every and step_idx % cfg.output.save_every == 0 and step_idx != total:
-                ckpt.save_checkpoint(rt.engine, run_dir, step_idx, record)
-        status = COMPLETED
+            if tr.backend.checkpoints and cfg.output.save_every and step_idx % cfg.output.save_every == 0 \
+                    and step_idx != total:
+                tr.backend.save_checkpoint(rt, run_dir, step_idx, tr.record)
     except NonFiniteError:
         # Raised on every rank alike (the checked norm and the logged means are global), so the
         # collectives of the save below line up. Any other exception propagates without
         # collectives, so a failing rank cannot leave the others hanging.
         status = status if status != RUNNING else REFUSED
         if status == REFUSED:  # the optimizer refused the bad update: the weights before it
-            save_trainable(rt, run_dir / "trainable.safetensors")
-        skips = _final_skips(batches, data_report, cfg.data.source, complete=False)
-        write_data_json(skips)
+            save_trainable(rt, run_dir / "trainable.safetensors", tr.backend)
+        skips = _final_skips(batches, tr.data_report, cfg.data.source, complete=False)
+        tr.write_data_json(skips)
         if info.is_main:
             run["status"] = status
-            write_summary(run_dir, summary(status, skips))
+            write_summary(run_dir, tr.summary(status, skips))
         raise
     finally:
         logger.close()
-    skips = _final_skips(batches, data_report, cfg.data.source, complete=True)
-    write_data_json(skips)
-    save_trainable(rt, run_dir / "trainable.safetensors")
-    if use_ds and cfg.output.save_final:
-        ckpt.save_checkpoint(rt.engine, run_dir, total, record)
+
+
+def finish_run(tr: Training) -> Path:
+    """After the last step: final skip counts, trainable.safetensors, the final checkpoint, hf/, then
+    summary.json `completed` once every rank's files are written. Returns the run directory."""
+    cfg, info, rt, run_dir = tr.cfg, tr.info, tr.rt, tr.run_dir
+    skips = _final_skips(tr.batches, tr.data_report, cfg.data.source, complete=True)
+    tr.write_data_json(skips)
+    save_trainable(rt, run_dir / "trainable.safetensors", tr.backend)
+    if tr.backend.checkpoints and cfg.output.save_final:
+        tr.backend.save_checkpoint(rt, run_dir, tr.total, tr.record)
     if cfg.output.export_hf:
-        export_hf(rt, adapter, run_dir / "hf")
+        export_hf(rt, tr.adapter, run_dir / "hf", tr.backend)
     barrier()  # every rank's files are written before the run is called completed
     if info.is_main:
-        run["status"] = COMPLETED
-        write_summary(run_dir, summary(COMPLETED, skips))
+        tr.run["status"] = COMPLETED
+        write_summary(run_dir, tr.summary(COMPLETED, skips))
     return run_dir
