@@ -460,3 +460,22 @@ def test_the_deepspeed_json_contents_belong_to_the_run(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e7}}))
     diff = config_differences(before, comparable_config(cfg))
     assert diff == ["ds_config_file.zero_optimization.reduce_bucket_size: 500000000.0 -> 50000000.0"]
+
+
+def test_a_shard_run_writes_its_exact_skip_counts(tiny_model_dir, tmp_path):
+    """A training run on caption shards with corrupt records (data.skip_corrupt): data.json and summary.json
+    hold the stream's final counts, each corrupt record once, however often top-ups re-read it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("faults_data", Path(__file__).with_name("test_faults_data.py"))
+    faults_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(faults_data)
+    shards = tmp_path / "curated"
+    faults_data.write_captions(shards, [8, 8], corrupt_every=4)  # 4 corrupt records of 16
+    run_dir = train_here(tiny_model_dir, tmp_path / "run", "data.source=shards", f"data.shards={shards}",
+                         "data.skip_corrupt=true", "optim.max_steps=0", "optim.epochs=2", "method.name=efuf",
+                         "data.captions_per_step=2")
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["skipped"]["corrupt_member"] == 4, data["skipped"]
+    assert summary(run_dir)["status"] == "completed"
+    assert summary(run_dir)["skipped"] == data["skipped"]
