@@ -358,3 +358,18 @@ def test_zero3_sharded_generation_equals_plain(sare_zero3, tmp_path):
         if key in a["captions"]:
             assert a["captions"][key] == b["captions"][key], key
     assert a["pope"]["mean"] == b["pope"]["mean"]
+
+
+def test_a_refused_update_on_two_ranks_keeps_the_stop_status(tiny_model_dir, tmp_path):
+    """Every rank meets the non-finite gradient alike; summary.json keeps the stop's status (no rank writes a
+    `failed` over it) and the last good weights are saved."""
+    port = str(free_port())
+    args = common(tiny_model_dir, tmp_path, Z3, "optim.lr=1e30", "optim.max_lr=1e31", "optim.optimizer=sgd",
+                  "optim.clip_grad_norm=0", "optim.max_steps=3", "output.export_hf=false")
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port,
+                           str(ROOT / "launch/train.py"), *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0 and "non-finite gradient norm" in proc.stderr, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"].startswith("stopped: non-finite gradient, update refused"), summary
+    assert "rank" not in summary and (tmp_path / "trainable.safetensors").is_file()

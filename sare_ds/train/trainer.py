@@ -397,8 +397,8 @@ def run_loop(tr: Training) -> None:
             save_trainable(rt, run_dir / "trainable.safetensors", tr.backend)
         skips = _final_skips(batches, tr.data_report, cfg.data.source, complete=False)
         tr.write_data_json(skips)
+        run["status"] = status  # on every rank: train() then writes no `failed` over this stop's summary
         if info.is_main:
-            run["status"] = status
             write_summary(run_dir, tr.summary(status, skips))
         raise
     finally:
@@ -417,7 +417,7 @@ def finish_run(tr: Training) -> Path:
     if cfg.output.export_hf:
         export_hf(rt, tr.adapter, run_dir / "hf", tr.backend)
     barrier()  # every rank's files are written before the run is called completed
+    tr.run["status"] = COMPLETED
     if info.is_main:
-        tr.run["status"] = COMPLETED
         write_summary(run_dir, tr.summary(COMPLETED, skips))
     return run_dir
