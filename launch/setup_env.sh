@@ -88,6 +88,14 @@ pip_q install -q -c "$VENV/constraints.txt" -e "$ROOT[test]"
 #    without it) at the first launch.
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   log "building DeepSpeed's CPU shared-memory communication op"
+  # torch's extension builder waits, without a timeout, while a `lock` file of an earlier build
+  # exists; a build killed midway (a cancelled CI run) leaves one behind, and every later set-up
+  # then hangs here. A build takes well under a minute: a lock older than 10 minutes is stale.
+  ext_dir="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+  if [ -d "$ext_dir" ]; then
+    { find "$ext_dir" -name lock -path '*deepspeed_shm_comm*' -mmin +10 -print -delete 2>/dev/null || true; } \
+      | while read -r stale; do log "removed a stale build lock: $stale"; done
+  fi
   DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null 2>&1 \
     || log "warning: could not pre-build DeepSpeed's shm op; the first CPU launch will try again"
 fi

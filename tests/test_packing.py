@@ -300,7 +300,7 @@ def test_a_trainable_head_under_deepspeed_runs_in_one_piece(tiny_model_dir, capl
     assert plain.head_chunks == 8
 
 
-def test_a_head_that_soft_caps_its_logits_is_refused():
+def test_a_head_that_transforms_its_logits_is_refused():
     from types import SimpleNamespace
 
     class Capped(torch.nn.Module):
@@ -311,6 +311,17 @@ def test_a_head_that_soft_caps_its_logits_is_refused():
 
     with pytest.raises(ValueError, match="lm_head_chunks=0"):
         output_head(Capped())
+    for name, value in (("logit_scale", 0.0625), ("logits_scaling", 8.0)):
+        class Scaled(Capped):
+            config = SimpleNamespace(**{name: value})
+
+        with pytest.raises(ValueError, match=f"scales its logits.*{name}.*lm_head_chunks=0"):
+            output_head(Scaled())
+
+    class Unscaled(Capped):
+        config = SimpleNamespace(logit_scale=1.0)
+
+    assert isinstance(output_head(Unscaled()), torch.nn.Linear)
 
 
 def test_separate_passes_equal_the_shared_forward(tiny_model_dir, captions):

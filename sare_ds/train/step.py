@@ -74,8 +74,9 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
     """The module the model applies to its final hidden states to get logits (looks through DeepSpeed
-    and PEFT). A model that transforms the logits after it (e.g. Gemma-2's final soft-capping) cannot
-    have its head run apart from the model: refused, use model.lm_head_chunks=0."""
+    and PEFT). A model that transforms the logits after it (Gemma-2's final soft-capping, Cohere's
+    logit_scale, Granite's logits_scaling) cannot have its head run apart from the model: refused, use
+    model.lm_head_chunks=0."""
     inner = getattr(model, "module", model)
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
@@ -84,6 +85,11 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(text, "final_logit_softcapping", None):
         raise ValueError(f"{type(inner).__name__} soft-caps its logits after the LM head, which the chunked head "
                          "does not reproduce; set model.lm_head_chunks=0")
+    for name in ("logit_scale", "logits_scaling"):  # Cohere multiplies the logits, Granite divides them
+        value = getattr(text, name, None)
+        if isinstance(value, (int, float)) and value != 1:
+            raise ValueError(f"{type(inner).__name__} scales its logits after the LM head ({name} = {value}), which the "
+                             "chunked head does not reproduce; set model.lm_head_chunks=0")
     head = inner.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no output embeddings (get_output_embeddings() is None); "
