@@ -26,6 +26,7 @@ from sare_ds.eval.evaluate import EvalConfig, EvalData
 from sare_ds.eval.images import read_image_list
 from sare_ds.eval.pope import packaged_pope_files
 from sare_ds.eval.runs import parse_runs
+from sare_ds.eval.scenes import add_scene_arguments, scene_data_of_args, scene_set_of_args
 from sare_ds.eval.suite import AttackConfig, run_attack_suite
 
 
@@ -43,13 +44,7 @@ def main() -> None:
                     help="name=run_dir, run_dir (named after its folder), or `base` / name=base for the "
                          "base checkpoint (repeatable, report order)")
     ap.add_argument("--base", help="base checkpoint (needed for name=base; default: each run's own)")
-    ap.add_argument("--scenes", help="folder of a scene eval set (its eval_set.json); a folder without one is an "
-                                     "error unless --make-scenes (or --scene-images N) asks for a new set there")
-    ap.add_argument("--make-scenes", action="store_true",
-                    help="write a new generated scene eval set into --scenes if it holds none")
-    ap.add_argument("--scene-images", type=int, default=None,
-                    help="images of a newly written scene eval set (default 16; giving it asks for one, as "
-                         "--make-scenes does)")
+    add_scene_arguments(ap)
     ap.add_argument("--instances", nargs="*", default=[])
     ap.add_argument("--captions", nargs="*", default=[])
     ap.add_argument("--image-dir")
@@ -71,10 +66,8 @@ def main() -> None:
         ap.error("--images: a scene eval set (--scenes) captions all its own images; drop --images")
     try:
         images = read_image_list(a.images) if a.images else None
-        if a.scenes:  # before any process group or model: a misspelled folder fails fast
-            from sare_ds.eval.scenes import scene_eval_set_path
-
-            eval_set, make = scene_eval_set_path(a.scenes, a.make_scenes or a.scene_images is not None)
+        if a.scenes:
+            eval_set, make = scene_set_of_args(a)
     except (ValueError, OSError) as e:
         ap.error(str(e))
     chair_mode = cfgs["eval"].chair_mode
@@ -83,14 +76,7 @@ def main() -> None:
 
         init_distributed()  # generation is spread over the ranks; rank 0 writes the report
     if a.scenes:
-        from sare_ds.eval.scenes import load_scene_eval_data, write_scene_eval_set
-
-        if make and rank_and_world()[0] == 0:
-            print(f"--scenes {a.scenes}: writing a new scene eval set of {a.scene_images or 16} images")
-            write_scene_eval_set(a.scenes, a.scene_images or 16, seed=1)
-        if rank_and_world()[1] > 1:
-            torch.distributed.barrier()  # the other ranks read what rank 0 wrote
-        data = load_scene_eval_data(eval_set, chair_mode=chair_mode)
+        data = scene_data_of_args(a, eval_set, make, chair_mode)
     else:
         pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
         data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope, images=images, chair_mode=chair_mode)

@@ -32,19 +32,14 @@ from sare_ds.eval.images import read_image_list
 from sare_ds.eval.pope import packaged_pope_files
 from sare_ds.eval.protocol import ProtocolError, load_protocol
 from sare_ds.eval.runs import parse_runs
+from sare_ds.eval.scenes import add_scene_arguments, scene_data_of_args, scene_set_of_args
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="append", default=[], help="name=run_dir, run_dir, or `base` (repeatable)")
     ap.add_argument("--base", help="base checkpoint (default: each run's model.name_or_path)")
-    ap.add_argument("--scenes", help="folder of a scene eval set (its eval_set.json); a folder without one is an "
-                                     "error unless --make-scenes (or --scene-images N) asks for a new set there")
-    ap.add_argument("--make-scenes", action="store_true",
-                    help="write a new generated scene eval set into --scenes if it holds none")
-    ap.add_argument("--scene-images", type=int, default=None,
-                    help="images of a newly written scene eval set (default 16; giving it asks for one, as "
-                         "--make-scenes does)")
+    add_scene_arguments(ap)
     ap.add_argument("--instances", nargs="*", default=[], help="COCO instances_*.json")
     ap.add_argument("--captions", nargs="*", default=[], help="COCO captions_*.json (reference captions)")
     ap.add_argument("--image-dir", help="folder of the captioned images")
@@ -74,10 +69,8 @@ def main() -> None:
             if a.scenes:
                 ap.error("--images: a scene eval set (--scenes) captions all its own images; drop --images")
             images = read_image_list(a.images)
-        if a.scenes:  # before any process group or model: a misspelled folder fails fast
-            from sare_ds.eval.scenes import scene_eval_set_path
-
-            eval_set, make = scene_eval_set_path(a.scenes, a.make_scenes or a.scene_images is not None)
+        if a.scenes:
+            eval_set, make = scene_set_of_args(a)
     except (ProtocolError, ValueError, OSError) as e:
         ap.error(str(e))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -85,14 +78,7 @@ def main() -> None:
 
         init_distributed()
     if a.scenes:
-        from sare_ds.eval.scenes import load_scene_eval_data, write_scene_eval_set
-
-        if make and rank_and_world()[0] == 0:
-            print(f"--scenes {a.scenes}: writing a new scene eval set of {a.scene_images or 16} images")
-            write_scene_eval_set(a.scenes, a.scene_images or 16, seed=1)
-        if rank_and_world()[1] > 1:
-            torch.distributed.barrier()  # the other ranks read what rank 0 wrote
-        data = load_scene_eval_data(eval_set, chair_mode=cfg.chair_mode)
+        data = scene_data_of_args(a, eval_set, make, cfg.chair_mode)
     else:
         pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
         if protocol is not None:

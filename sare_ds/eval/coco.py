@@ -17,7 +17,6 @@ extractor over all 600k COCO captions. The standard COCO JSON layout is read: `i
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,13 +33,10 @@ def _read_json(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file {path} does not exist; pass the instances_*.json / "
                                 "captions_*.json of the images being evaluated")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        cut = (" (it ends early: truncated?)" if isinstance(e, json.JSONDecodeError)
-               and (e.msg.startswith("Unterminated") or e.pos >= len(e.doc.rstrip())) else "")
-        raise CocoFormatError(f"COCO annotation file {path} is not valid JSON ({e}){cut}; fix: download or copy it "
-                              "again (annotations/instances_*.json, captions_*.json), or pass the right file") from None
+    from sare_ds.data.shards import read_json_file
+
+    data = read_json_file(path, "COCO annotation file", "download or copy it again (annotations/instances_*.json, "
+                          "captions_*.json), or pass the right file", CocoFormatError)
     if not isinstance(data, dict):
         raise CocoFormatError(f"{path}: holds a {type(data).__name__}, not a COCO annotation object with `images` "
                               "and `annotations`; pass the instances_*.json / captions_*.json of the images")

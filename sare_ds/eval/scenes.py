@@ -151,3 +151,37 @@ def write_scene_eval_set(out_dir: str | Path, num_images: int = 16, image_size: 
     Path(paths["pope"]["random"]).write_text("".join(json.dumps(q) + "\n" for q in questions))
     write_eval_set_file(out_dir, paths)
     return paths
+
+
+# ------------------------------------------------------------------------------ the launchers' flags
+
+def add_scene_arguments(ap) -> None:
+    """--scenes / --make-scenes / --scene-images of launch/evaluate.py and launch/attack.py."""
+    ap.add_argument("--scenes", help="folder of a scene eval set (its eval_set.json); a folder without one is an "
+                                     "error unless --make-scenes (or --scene-images N) asks for a new set there")
+    ap.add_argument("--make-scenes", action="store_true",
+                    help="write a new generated scene eval set into --scenes if it holds none")
+    ap.add_argument("--scene-images", type=int, default=None,
+                    help="images of a newly written scene eval set (default 16; giving it asks for one, as "
+                         "--make-scenes does)")
+
+
+def scene_set_of_args(a) -> tuple[Path, bool]:
+    """(eval_set.json of --scenes, whether to write it): checked before any process group or model, so a
+    misspelled folder fails fast (`scene_eval_set_path`)."""
+    return scene_eval_set_path(a.scenes, a.make_scenes or a.scene_images is not None)
+
+
+def scene_data_of_args(a, eval_set: Path, make: bool, chair_mode: str):
+    """Every rank: rank 0 writes the new set if asked, the others wait for it; then the EvalData."""
+    from sare_ds.eval.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    if make and rank == 0:
+        print(f"--scenes {a.scenes}: writing a new scene eval set of {a.scene_images or 16} images")
+        write_scene_eval_set(a.scenes, a.scene_images or 16, seed=1)
+    if world > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()  # the other ranks read what rank 0 wrote
+    return load_scene_eval_data(eval_set, chair_mode=chair_mode)

@@ -157,6 +157,7 @@ class Zero3ParameterSpace(_ZeroSpace):
         flat = opt.grad_partitions_flat_buffer  # in the gradient accumulation dtype (bf16 runs: bf16)
         if self._direction is None or self._direction.shape != flat.shape:
             self._direction = torch.zeros_like(flat)
+            self._swap_tmp = torch.empty(min(flat.numel(), 1 << 22), dtype=flat.dtype, device=flat.device)
             # Each parameter's partition is a view of the flat buffer (safe_get_local_grad returns an
             # fp32 copy of it when the buffer is bf16, so the view is read from the optimizer's map).
             parts = getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
@@ -181,9 +182,8 @@ class Zero3ParameterSpace(_ZeroSpace):
     @torch.no_grad()
     def _swap_direction(self) -> None:
         """Exchange the contents of the gradient partitions and the direction buffer (in chunks)."""
-        flat, direction = self.engine.optimizer.grad_partitions_flat_buffer, self._direction
-        chunk = min(flat.numel(), 1 << 22)
-        tmp = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
+        flat, direction, tmp = self.engine.optimizer.grad_partitions_flat_buffer, self._direction, self._swap_tmp
+        chunk = tmp.numel()
         for a, b in zip(flat.split(chunk), direction.split(chunk)):
             t = tmp[:a.numel()]
             t.copy_(a)
