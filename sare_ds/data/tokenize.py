@@ -25,7 +25,7 @@ expanded to the number of positions the model's processor assigns it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,17 +42,27 @@ class TokenizedSample:
     kind: int
     score: float
     image_id: str = ""
+    token_tensors: dict = field(default_factory=dict)  # per-token forward inputs [T] (adapter.token_tensors)
 
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front when asked for special tokens (what it does, not its
+    `add_bos_token` attribute: a reloaded tokenizer may report False and still add one)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 def needs_bos(tokenizer, ids: list[int]) -> bool:
     """Whether BOS goes in front of `ids` (tokenised without special tokens): the tokenizer adds one
-    and the chat template did not render it already."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos)
+    and the chat template did not render it already (transformers' processors follow the same rule)."""
+    return adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id)
 
 
 def _fast_tokenizer(adapter):
@@ -87,12 +97,26 @@ def _render_response(adapter, prompt: str, response: str, where: str, what: str)
 
 def _image_position(ids: list[int], adapter, where: str) -> int:
     """Index of the one image placeholder in `ids` (the processor expands it to the image's positions)."""
-    n_placeholders = ids.count(adapter.image_token_id)
+    n_placeholders = ids.count(adapter.placeholder_token_id)
     if n_placeholders != 1:
         raise BadSampleError(
             f"{where}: expected one image placeholder in the rendered prompt, found {n_placeholders}; fix: remove "
             "image tokens from prompt/caption text")
-    return ids.index(adapter.image_token_id)
+    return ids.index(adapter.placeholder_token_id)
+
+
+def _expand(adapter, text: str, ids: list[int], offsets: list, image, prompt: str, where: str):
+    """Expand the one image placeholder of `ids` as the family's processor does (checked against it):
+    returns (ids, offsets, image tensors, the image's positions); image positions get empty offsets."""
+    _image_position(ids, adapter, where)
+    e = adapter.expand_image(text, ids, image, prompt, where)
+    offsets = offsets[:e.start] + [(0, 0)] * e.length + offsets[e.start + 1:]
+    return e.ids, offsets, e.tensors, e.length
+
+
+def _response_start(offsets: list, start: int) -> int:
+    """Index of the first token of the response (its characters start at `start`)."""
+    return next((t for t, (a, b) in enumerate(offsets) if b > start), len(offsets))
 
 
 def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample:
@@ -100,19 +124,15 @@ def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample
     tokenizer = adapter.tokenizer
     response = sample.context + sample.target
     where = f"sample (image {sample.image_id})"
-    _, start, ids, offsets = _render_response(adapter, sample.prompt, response, where, "target span")
+    text, start, ids, offsets = _render_response(adapter, sample.prompt, response, where, "target span")
+    ids, offsets, image, n = _expand(adapter, text, ids, offsets, sample.image, sample.prompt, where)
     t_begin, t_end = start + len(sample.context), start + len(response)
     labels = [tid if (e > t_begin and s < t_end) else IGNORE_INDEX for tid, (s, e) in zip(ids, offsets)]
     if sample.kind == "sent":
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-
-    image = adapter.image_inputs(sample.image)
-    image_token_id = adapter.image_token_id
-    pos = _image_position(ids, adapter, where)
-    n = image.num_image_tokens
-    ids = ids[:pos] + [image_token_id] * n + ids[pos + 1:]
-    labels = labels[:pos] + [IGNORE_INDEX] * n + labels[pos + 1:]
+        offsets.append((len(text), len(text)))
+    token_tensors = adapter.token_tensors(ids, _response_start(offsets, start))
     if len(ids) > max_length:
         raise BadSampleError(
             f"sample (image {sample.image_id}): {len(ids)} tokens ({n} of them the image's) exceed data.max_length = "
@@ -123,10 +143,11 @@ def tokenize_sample(sample: Sample, adapter, max_length: int) -> TokenizedSample
     return TokenizedSample(
         input_ids=torch.tensor(ids, dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long),
-        image=image.tensors,
+        image=image,
         kind=KIND_INDEX[sample.kind],
         score=float(sample.score),
         image_id=sample.image_id,
+        token_tensors={k: torch.tensor(v, dtype=torch.long) for k, v in token_tensors.items()},
     )
 
 
@@ -147,7 +168,7 @@ def fixed_sample_tokens(adapter, prompt: str) -> dict[str, int]:
     image_tokens = [adapter.image_inputs(Image.new("RGB", size)).num_image_tokens for size in PROBE_SIZES]
     # The placeholder itself is replaced by the image's positions; BOS is added in front (as
     # tokenize_sample does: unless the template rendered it already).
-    text_tokens = len(ids) - ids.count(adapter.image_token_id) + int(needs_bos(adapter.tokenizer, ids))
+    text_tokens = len(ids) - ids.count(adapter.placeholder_token_id) + int(needs_bos(adapter.tokenizer, ids))
     return {"text": text_tokens, "image_min": min(image_tokens), "image_max": max(image_tokens)}
 
 
@@ -170,12 +191,15 @@ def collate(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torc
     input_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
     labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((b, length), dtype=torch.long)
+    token = {key: torch.zeros((b, length), dtype=torch.long) for key in samples[0].token_tensors}
     for i, s in enumerate(samples):
         n = len(s.input_ids)
         input_ids[i, :n], labels[i, :n], attention[i, :n] = s.input_ids, s.labels, 1
+        for key, t in token.items():
+            t[i, :n] = s.token_tensors[key]
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
              "kind": torch.tensor([s.kind for s in samples], dtype=torch.long),
-             "score": torch.tensor([s.score for s in samples], dtype=torch.float32)}
+             "score": torch.tensor([s.score for s in samples], dtype=torch.float32), **token}
     for key in samples[0].image:
         batch[key] = _cat_padded([s.image[key] for s in samples])
     return batch
@@ -203,6 +227,7 @@ class TokenizedCaption:
     image: dict
     image_id: str = ""
     dropped: dict | None = None  # spans left out (longer than max_length), by reason
+    token_tensors: dict = field(default_factory=dict)  # per-token forward inputs [T] (adapter.token_tensors)
 
     @property
     def num_target_tokens(self) -> int:
@@ -252,6 +277,8 @@ def tokenize_caption(caption: Caption, adapter, max_length: int, *, packing: boo
     where = f"caption (image {caption.image_id})"
     text, start, ids, offsets = _render_response(adapter, caption.prompt, response, where, "spans")
 
+    ids, offsets, image, n_image = _expand(adapter, text, ids, offsets, caption.image, caption.prompt, where)
+
     def covering(lo: int, hi: int) -> list[int]:
         return [t for t, (a, b) in enumerate(offsets) if b > lo and a < hi]
 
@@ -265,20 +292,12 @@ def tokenize_caption(caption: Caption, adapter, max_length: int, *, packing: boo
         ids.append(tokenizer.eos_token_id)
         offsets.append((len(text), len(text)))
         pieces.append((KIND_INDEX["sent"], covering(start, start + len(response)) + [len(ids) - 1], 1.0))
-
-    image = adapter.image_inputs(caption.image)
-    image_token_id = adapter.image_token_id
-    pos = _image_position(ids, adapter, where)
-    n_image = image.num_image_tokens
-    shift = n_image - 1
-    ids = ids[:pos] + [image_token_id] * n_image + ids[pos + 1:]
     total = len(ids)
 
     weights = torch.zeros(len(KINDS), min(total, max_length), dtype=torch.float32)
     counts = torch.zeros(len(KINDS), dtype=torch.float32)
     dropped: dict[str, int] = {}
     for k, positions, w in pieces:
-        positions = [t + shift if t > pos else t for t in positions]
         if not positions:
             dropped["span has no tokens"] = dropped.get("span has no tokens", 0) + 1
             continue
@@ -297,7 +316,10 @@ def tokenize_caption(caption: Caption, adapter, max_length: int, *, packing: boo
     length = min(total, max_length)
     input_ids = torch.tensor(ids[:length], dtype=torch.long)
     labels = torch.where(weights.ne(0).any(0), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    return [TokenizedCaption(input_ids, labels, weights, counts, image.tensors, caption.image_id, dropped or None)]
+    token_tensors = {k: torch.tensor(v[:length], dtype=torch.long)
+                     for k, v in adapter.token_tensors(ids, _response_start(offsets, start)).items()}
+    return [TokenizedCaption(input_ids, labels, weights, counts, image, caption.image_id, dropped or None,
+                             token_tensors)]
 
 
 def skip_reasons(skipped: dict[str, int]) -> str:
@@ -326,15 +348,18 @@ def collate_captions(items: list[TokenizedCaption], pad_token_id: int, kinds: tu
     labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
     w = torch.zeros((b, len(KINDS), length), dtype=torch.float32)
     attention = torch.zeros((b, length), dtype=torch.long)
+    token = {key: torch.zeros((b, length), dtype=torch.long) for key in rows[0].token_tensors}
     for i, it in enumerate(rows):
         n = min(len(it.input_ids), length)
         input_ids[i, :n], attention[i, :n] = it.input_ids[:n], 1
+        for key, t in token.items():
+            t[i, :n] = it.token_tensors[key][:n]
         w[i, :, :n] = it.weights[:, :n] * mask
         labels[i, :n] = torch.where(w[i, :, :n].ne(0).any(0), it.labels[:n], IGNORE_INDEX)
     # Targets at t >= 1 only (a BOS at 0 is never a target); logits of t - 1 predict them.
     targeted = labels[:, 1:].ne(IGNORE_INDEX).any(0).nonzero().flatten() + 1
     batch = {"input_ids": input_ids, "attention_mask": attention, "keep": targeted - 1,
-             "targets": labels[:, targeted], "weights": w[:, :, targeted]}
+             "targets": labels[:, targeted], "weights": w[:, :, targeted], **token}
     for key in rows[0].image:
         batch[key] = _cat_padded([it.image[key] for it in rows])
     return batch
@@ -348,7 +373,7 @@ def empty_pass_batch(items: list[TokenizedCaption], pad_token_id: int) -> dict[s
     # Cut after the first weighted token (image and prompt kept: every module runs, so every
     # parameter is gathered): the stand-in is never longer than the passes it stands beside.
     first = int(batch["keep"][0]) + 2
-    for key in ("input_ids", "attention_mask"):
+    for key in ("input_ids", "attention_mask", *it.token_tensors):
         batch[key] = batch[key][:, :first]
     batch["weights"] = torch.zeros_like(batch["weights"][:, :, :1])
     batch["targets"] = torch.full_like(batch["targets"][:, :1], IGNORE_INDEX)

@@ -107,12 +107,63 @@ def seeded_random_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> 
                 p.copy_(torch.randn(p.shape, generator=gen, device=draw_on, dtype=torch.float32) * std)
 
 
+class ExpansionMismatchError(ValueError):
+    """The model's own processor turns a conversation into other tokens than sare_ds does."""
+
+
 @dataclass
 class ImageInputs:
-    """Model inputs of one image, and how many LLM positions its placeholder expands to."""
+    """Model inputs of one image, and the LLM positions its placeholder expands to."""
 
-    tensors: dict[str, torch.Tensor]  # e.g. pixel_values [1, 3, H, W]; image_sizes for LLaVA-NeXT
-    num_image_tokens: int
+    tensors: dict[str, torch.Tensor]  # e.g. pixel_values [1, 3, H, W]; image_sizes, image_grid_thw, ...
+    num_image_tokens: int  # positions the placeholder becomes (markers such as <global-img> included)
+    expansion: list[int] | None = None
+    """The token ids the placeholder becomes (None: `num_image_tokens` copies of the image token)."""
+
+
+@dataclass
+class Expanded:
+    """A tokenised conversation with its image placeholder expanded by the family's own rule."""
+
+    ids: list[int]  # the whole sequence
+    start: int  # index of the image's first position
+    length: int  # positions the image took (replacing the one placeholder)
+    tensors: dict[str, torch.Tensor]  # image tensors of the forward (one image: leading dim 1)
+
+
+def align_expansion(ours: list[int], truth: list[int], placeholder: int, source: str, decode=None) -> tuple[int, int]:
+    """Where the processor's sequence `truth` holds the image: `ours` is sare_ds's tokenisation of the
+    same text with ONE placeholder id; `truth` must equal it outside the placeholder, which it replaces
+    by any number of positions. Returns (start, length); raises ExpansionMismatchError naming the first
+    differing position otherwise."""
+    if ours.count(placeholder) != 1:
+        raise ExpansionMismatchError(f"{source}: expected one image placeholder (id {placeholder}) in the "
+                                     f"tokenised conversation, found {ours.count(placeholder)}")
+    pos = ours.index(placeholder)
+    suffix = len(ours) - pos - 1
+    length = len(truth) - pos - suffix
+    ok = length >= 1 and truth[:pos] == ours[:pos] and truth[len(truth) - suffix:] == ours[pos + 1:]
+    if not ok:
+        where = next((i for i in range(min(pos, len(truth))) if truth[i] != ours[i]), None)
+        if where is None:  # the text after the image differs: compare from the end
+            back = next((j for j in range(1, min(suffix, len(truth)) + 1) if truth[-j] != ours[-j]), min(suffix, len(truth)))
+            where_ours, where_truth = len(ours) - back, len(truth) - back
+        else:
+            where_ours = where_truth = where
+
+        def show(ids, i):
+            piece = ids[max(0, i - 3): i + 4]
+            return f"{piece}" + (f" {decode(piece)!r}" if decode else "")
+
+        raise ExpansionMismatchError(
+            f"{source}: the model's processor tokenises this conversation differently from sare_ds outside the "
+            f"image: sare_ds has {show(ours, where_ours)} at position {where_ours}, the processor "
+            f"{show(truth, where_truth)} at {where_truth} ({len(ours)} vs {len(truth)} tokens, the image placeholder "
+            f"at {pos}). Training on either would not be the sequence the model sees at inference. Fix: check the "
+            "checkpoint's chat template and tokenizer settings (a template that renders BOS while the tokenizer "
+            "adds one, a processor that appends text); a family whose processor builds the sequence itself "
+            "overrides MLLMAdapter.expand_image.")
+    return pos, length
 
 
 class MLLMAdapter(ABC):
@@ -167,19 +218,72 @@ class MLLMAdapter(ABC):
     @property
     @abstractmethod
     def image_token_id(self) -> int:
-        """Token id of the image placeholder in the rendered prompt."""
+        """Token id of the image's positions in the model's input (what the model fills with image features)."""
+
+    @property
+    def placeholder_token_id(self) -> int:
+        """Token id of the image placeholder in the rendered conversation, before the processor expands it
+        (the image token itself for most families; InternVL renders `<image>` and fills `<IMG_CONTEXT>`)."""
+        return self.image_token_id
+
+    @property
+    def placeholder_text(self) -> str:
+        return self.tokenizer.convert_ids_to_tokens(self.placeholder_token_id)
 
     # -- images --------------------------------------------------------------------------
-    @abstractmethod
+    processor_text_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids",
+                                                      "mm_token_type_ids")
+    """Outputs of the processor that describe the text (rebuilt by sare_ds), not the image."""
+
+    def processor_outputs(self, text: str, image, prompt: str) -> dict[str, torch.Tensor]:
+        """The model's own processor on one rendered conversation and its image (`prompt`: the user's text,
+        for families that encode it apart, e.g. InstructBLIP's Q-Former)."""
+        return dict(self.processor(images=image, text=text, return_tensors="pt",
+                                   add_special_tokens=self.add_special_tokens(text)))
+
+    def add_special_tokens(self, text: str) -> bool:
+        """transformers' rule for a rendered conversation: the tokenizer adds its special tokens (BOS)
+        unless the chat template rendered BOS already."""
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
+    def expand_image(self, text: str, ids: list[int], image, prompt: str, where: str = "") -> Expanded:
+        """`ids` (sare_ds's tokenisation of `text`, BOS included, one placeholder) with the placeholder
+        expanded exactly as the model's own processor expands it, checked: the processor's sequence must
+        equal `ids` everywhere else (ExpansionMismatchError otherwise, never a silent difference)."""
+        out = self.processor_outputs(text, image, prompt)
+        truth = out["input_ids"][0].tolist()
+        start, length = align_expansion(ids, truth, self.placeholder_token_id, where or self.source,
+                                        self.tokenizer.decode)
+        tensors = {k: v for k, v in out.items() if k not in self.processor_text_keys}
+        return Expanded(truth, start, length, tensors)
+
     def image_inputs(self, image) -> ImageInputs:
-        """Pixel tensors of one image and how many LLM positions its placeholder becomes."""
+        """Pixel tensors of one image and the positions its placeholder becomes (the processor's own
+        expansion of the bare placeholder)."""
+        text = self.placeholder_text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        from sare_ds.data.tokenize import needs_bos
+
+        if needs_bos(self.tokenizer, ids):
+            ids = [self.tokenizer.bos_token_id] + ids
+        e = self.expand_image(text, ids, image, "", f"{self.source}: the bare image placeholder")
+        expansion = e.ids[e.start:e.start + e.length]
+        return ImageInputs(e.tensors, len(expansion), expansion)
+
+    def token_tensors(self, ids: list[int], response_start: int) -> dict[str, list[int]]:
+        """Per-token inputs of the forward besides input_ids (e.g. PaliGemma's token_type_ids), for a
+        whole sequence whose response starts at index `response_start`. Padded with 0 when collated."""
+        return {}
 
     # -- parameters ----------------------------------------------------------------------
     def mapping_parameter_names(self) -> list[str]:
         pats = [re.compile(p) for p in self.mapping_patterns]
         return [n for n, _ in self.model.named_parameters() if any(p.search(n) for p in pats)]
 
+    forward_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+    """Keys of a collated batch the model's forward takes."""
+
     def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keyword arguments of the model's forward for a collated batch."""
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
-        return {k: batch[k] for k in keys if k in batch}
+        return {k: batch[k] for k in self.forward_keys if k in batch}

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from sare_ds.models.adapter import ImageInputs, MLLMAdapter, check_loading_info, register_adapter, seeded_random_init
+from sare_ds.models.adapter import MLLMAdapter, check_loading_info, register_adapter, seeded_random_init
 
 log = logging.getLogger("sare_ds.models")
 PRESET_INIT_SEED = 0  # presets are randomly initialised from a fixed seed: the same weights every build
@@ -66,15 +66,6 @@ class LlavaAdapter(MLLMAdapter):
     def image_token_id(self) -> int:
         cfg = self.model.config
         return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
-
-    def image_inputs(self, image) -> ImageInputs:
-        # Run the processor on the bare placeholder: it returns the pixel tensors and expands
-        # the placeholder exactly as it will for the model, so counting gives the length.
-        image_token = self.processor.image_token
-        out = self.processor(images=image, text=image_token, return_tensors="pt")
-        n = int((out["input_ids"] == self.image_token_id).sum())
-        tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
-        return ImageInputs(tensors=tensors, num_image_tokens=n)
 
 
 @register_adapter

@@ -133,6 +133,15 @@ class _KnownImages:
 
         return ImageInputs(tensors={"pixel_values": self._pixels[id(image)]}, num_image_tokens=self._num_tokens)
 
+    def expand_image(self, text, ids, image, prompt, where=""):
+        # The toy model is a LLaVA-1.5-layout model: its placeholder becomes _num_tokens image tokens
+        # (what its processor does, checked by the LLaVA tests), without a processor call per sample.
+        from sare_ds.models.adapter import Expanded
+
+        pos = ids.index(self._adapter.image_token_id)
+        expanded = ids[:pos] + [self._adapter.image_token_id] * self._num_tokens + ids[pos + 1:]
+        return Expanded(expanded, pos, self._num_tokens, {"pixel_values": self._pixels[id(image)]})
+
 
 def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     # The trainer's schedule (sare_ds.train.trainer.lr_multiplier) times peak, written with the
