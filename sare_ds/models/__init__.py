@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from sare_ds.models import llava  # noqa: F401  (registers the LLaVA adapters)
+# Importing a family module registers its adapter(s).
+from sare_ds.models import llava  # noqa: F401
+from sare_ds.models import idefics3, instructblip, internvl, onevision, paligemma, qwen2_vl  # noqa: F401
 from sare_ds.models import presets
 from sare_ds.models.adapter import (
     ImageInputs,

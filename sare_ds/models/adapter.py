@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 _REGISTRY: dict[str, type["MLLMAdapter"]] = {}
+PRESET_INIT_SEED = 0  # presets are randomly initialised from a fixed seed: the same weights every build
 
 
 class UnknownModelLayoutError(ValueError):
@@ -187,15 +188,51 @@ class MLLMAdapter(ABC):
     # -- loading -------------------------------------------------------------------------
     @classmethod
     @abstractmethod
+    def _model_class(cls):
+        """The transformers model class of the family (e.g. LlavaForConditionalGeneration)."""
+
+    @classmethod
     def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False,
              **model_kwargs) -> "MLLMAdapter":
         """Model + processor from a local directory or hub id; every model weight must be found."""
+        import logging
+
+        from transformers import AutoProcessor
+
+        model, info = cls._model_class().from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            # Mis-shaped weights are reported (and refused by check_loading_info, naming them), not raised
+            # as transformers' own multi-line error.
+            ignore_mismatched_sizes=True, **model_kwargs)
+        loading = check_loading_info(info, f"model.name_or_path = {name_or_path!r}", logging.getLogger("sare_ds.models"))
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return cls(model, processor, name_or_path, loading)
 
     @classmethod
-    @abstractmethod
     def from_config(cls, config, processor, dtype: torch.dtype, source: str, *, device=None,
                     **model_kwargs) -> "MLLMAdapter":
         """A randomly initialised model of `config` (device="meta": shapes only, no memory)."""
+        model_cls = cls._model_class()
+        if device is not None and str(device) == "meta":
+            with torch.device("meta"):
+                model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
+        else:
+            # Under a live HfDeepSpeedConfig (ZeRO-3) _from_config builds inside zero.Init, so each
+            # rank materialises only its partition. Its own random init depends on how the model was
+            # built, so the weights are then set from (seed, name) alone: the same in every layout.
+            model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
+            seeded_random_init(model, PRESET_INIT_SEED)
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:  # a checkpoint's composite config keeps it on the text config only
+            pad = getattr(config.get_text_config(), "pad_token_id", None)
+        model.generation_config.pad_token_id = pad
+        return cls(model, processor, source)
+
+    @classmethod
+    def build_tiny(cls, out_dir, *, seed: int = 0, corpus: list[str] | None = None):
+        """Save a tiny random checkpoint of the family (model, processor, chat template; no download)
+        to `out_dir`, loadable by `load_mllm` exactly as a real one; returns the directory."""
+        raise NotImplementedError(f"the {cls.family} adapter has no tiny builder")
 
     # -- text ----------------------------------------------------------------------------
     @property

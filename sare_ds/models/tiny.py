@@ -41,32 +41,40 @@ DEFAULT_CORPUS = [
 ]
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int = 600):
-    """Byte-level BPE trained offline, wrapped as a PreTrainedTokenizerFast."""
+def train_tokenizer(corpus: list[str], vocab_size: int = 600, *, special_tokens: list[str] | None = None,
+                    bos: str | None = "<s>", eos: str = "</s>", pad: str = "<pad>", unk: str | None = "<unk>",
+                    extra_special_tokens: dict[str, str] | None = None, chat_template: str = LLAVA15_CHAT_TEMPLATE,
+                    add_bos: bool = True):
+    """Byte-level BPE trained offline, wrapped as a PreTrainedTokenizerFast.
+
+    The defaults are LLaVA-1.5's layout; other families pass their own special tokens (all of
+    `special_tokens` get the first ids, in order), named tokens (`extra_special_tokens`, e.g.
+    {"image_token": "<|image_pad|>"}), chat template and BOS behaviour (`bos=None` or
+    `add_bos=False` for tokenizers that add none, as Qwen2's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    specials = list(special_tokens if special_tokens is not None else SPECIAL_TOKENS)
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
+    named = {"unk_token": unk, "bos_token": bos, "eos_token": eos, "pad_token": pad}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        **{k: v for k, v in named.items() if v is not None},
+        extra_special_tokens=dict(extra_special_tokens if extra_special_tokens is not None
+                                  else {"image_token": IMAGE_TOKEN}),
         model_max_length=2048,
     )
-    fast.add_bos_token = True
-    fast.chat_template = LLAVA15_CHAT_TEMPLATE
+    fast.add_bos_token = bool(add_bos and bos is not None)
+    fast.chat_template = chat_template
     return fast
 
 

@@ -1,0 +1,1 @@
+"""idefics3 family adapter (in progress)."""

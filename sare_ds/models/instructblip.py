@@ -1,0 +1,1 @@
+"""instructblip family adapter (in progress)."""

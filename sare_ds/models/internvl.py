@@ -1,0 +1,1 @@
+"""internvl family adapter (in progress)."""

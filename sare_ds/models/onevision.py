@@ -1,0 +1,1 @@
+"""onevision family adapter (in progress)."""

@@ -1,0 +1,1 @@
+"""paligemma family adapter (in progress)."""

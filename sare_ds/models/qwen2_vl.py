@@ -1,0 +1,1 @@
+"""qwen2_vl family adapter (in progress)."""
