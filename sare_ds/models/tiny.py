@@ -6,6 +6,7 @@ takes (`sare_ds.models.load_mllm`). No download: the tokenizer is a byte-level B
 here on a small corpus, and the chat template is LLaVA-1.5's conversation format.
 
     python -m sare_ds.models.tiny runs/models/tiny-llava
+    python -m sare_ds.models.tiny --family qwen2_vl runs/models/tiny-qwen2-vl   # another family's tiny model
 """
 from __future__ import annotations
 
@@ -159,13 +160,20 @@ def build_tiny_llava(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--family", default="llava",
+                    help="model family of the tiny checkpoint (any registered adapter with a tiny builder; "
+                         "docs/models.md lists them)")
+    ap.add_argument("--image-size", type=int, default=32, help="image size of the tiny LLaVA (other families: fixed)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     from sare_ds.data.synthetic import caption_corpus
+    from sare_ds.models import adapter_class
 
     corpus = DEFAULT_CORPUS + caption_corpus()
-    print(build_tiny_llava(a.out_dir, image_size=a.image_size, seed=a.seed, corpus=corpus))
+    if a.family == "llava":
+        print(build_tiny_llava(a.out_dir, image_size=a.image_size, seed=a.seed, corpus=corpus))
+    else:
+        print(adapter_class(a.family, "--family").build_tiny(a.out_dir, seed=a.seed, corpus=corpus))
 
 
 if __name__ == "__main__":
