@@ -112,6 +112,25 @@ def test_tokenisation_equals_the_processors_chat_template(family, size):
         assert torch.equal(value, ref[key]), key
 
 
+def test_curation_captions_with_the_family_model(family, tmp_path):
+    """Curation's captioning stage (`model_captioner`: batched generation) on images of two sizes."""
+    from tests.test_curation import FakeScorer, config
+
+    from sare_ds.curation.pipeline import curate
+
+    _, model_dir = family
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, size in enumerate([(40, 40), (64, 40), (40, 40)]):
+        Image.new("RGB", size, (i * 60, 50, 50)).save(images / f"{i:03d}.png")
+    cfg = config(tmp_path, images, **{"model.name_or_path": model_dir, "caption.max_new_tokens": 6,
+                                      "caption.batch_size": 2, "clip.mode": "global"})
+    manifest = curate(cfg, scorer=FakeScorer({}))
+    # A random tiny model rarely names a COCO object: every image is accounted for either way.
+    assert manifest["images"]["input"] == 3
+    assert manifest["images"]["curated"] + sum(manifest["skipped"].values()) == 3
+
+
 def test_packed_step_equals_the_per_sample_step(family):
     from tests.test_packing import close, run_step  # the LLaVA test's reference loop, model-agnostic
 
