@@ -5,6 +5,7 @@
     restore_(params, masters)                             params <- cast(master), bit-exact
     perturb_with_backup_(params, grads, scale, backups)   no-master mode: theta -> backups
     restore_from_(params, backups)                        params <- backups, bit-exact
+    scale_by_abs_(tensors, weights, eta)                  tensors <- tensors * (|weights| + eta) (ASAM)
     set_backend("auto" | "triton" | "torch" | None)       or env SARE_KERNELS; see dispatch
 
 Each call runs the fused Triton kernels (`sare_kernels.triton_sam`) where Triton can run, and the
@@ -18,6 +19,7 @@ from .dispatch import (
     perturb_with_backup_,
     restore_,
     restore_from_,
+    scale_by_abs_,
     set_backend,
     sum_of_squares,
     triton_unavailable_reason,
@@ -30,6 +32,7 @@ __all__ = [
     "perturb_with_backup_",
     "restore_",
     "restore_from_",
+    "scale_by_abs_",
     "set_backend",
     "sum_of_squares",
     "triton_unavailable_reason",

@@ -17,6 +17,7 @@ about 1e-7 relative (different but fixed reduction orders). See docs/kernels.md.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from types import ModuleType
 
@@ -206,3 +207,15 @@ def restore_from_(params: list[torch.Tensor], backups: list[torch.Tensor]) -> No
     if params:
         _check_backups("restore_from_", params, backups)
         _implementation(params + backups, "restore_from_").restore_from_(params, backups)
+
+
+def scale_by_abs_(tensors: list[torch.Tensor], weights: list[torch.Tensor], eta: float) -> None:
+    """In place: tensors[i] <- cast(tensors[i] * (|weights[i]| + eta)), in fp32: ASAM's elementwise operator
+    T_theta applied to the ascent direction (method.rho_mode=adaptive). The torch path on every device (not
+    fused: it runs twice per ascent, on the trainable set or this rank's partition)."""
+    tensors, weights = list(tensors), list(weights)
+    _check_lists("scale_by_abs_", tensors=tensors, weights=weights)
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"scale_by_abs_: eta = {eta} must be finite and >= 0")
+    if tensors:
+        reference.scale_by_abs_(tensors, weights, float(eta))

@@ -101,3 +101,10 @@ def perturb_with_backup_(params: list[torch.Tensor], grads: list[torch.Tensor], 
 def restore_from_(params: list[torch.Tensor], backups: list[torch.Tensor]) -> None:
     """In place: params[i] <- backups[i] (exact: a backup holds every value of its param)."""
     restore_(params, backups)
+
+
+def scale_by_abs_(tensors: list[torch.Tensor], weights: list[torch.Tensor], eta: float) -> None:
+    """In place: tensors[i] <- cast(tensors[i] * (|weights[i]| + eta)), computed in fp32 (ASAM's T_theta)."""
+    for t, w in zip(tensors, weights):
+        factor = w.to(device=t.device, dtype=torch.float32).abs().add_(eta).reshape(t.shape)
+        t.copy_(factor.mul_(t))

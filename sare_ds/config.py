@@ -126,6 +126,16 @@ class MethodConfig:
     """Weight of the sentence loss (paper: 0.2-0.3)."""
     score_weighting: bool = False
     """EFUF code's option: weight pos NLL by score and neg NLL by (55 - score)."""
+    rho_mode: str = "absolute"
+    """SARE's radius: `absolute` (the paper: eps* = rho g / ||g||, ||eps*|| = rho) or `adaptive` (ASAM,
+    Kwon et al. 2021: eps* = rho T^2 g / ||T g|| with T = |theta| + adaptive_eta elementwise, so rho is a
+    radius relative to the weights' own scale and means the same on a small and a 7B projector)."""
+    adaptive_eta: float = 0.01
+    """ASAM's eta (rho_mode=adaptive): the radius a weight at zero gets, relative to rho (ASAM's default 0.01)."""
+    ascent_every: int = 1
+    """SARE computes the ascent direction at theta every k-th step and reuses the last eps* in between
+    (LookSAM-style): the perturbed pass runs every step, the neg backward at theta only every k-th. 1: the
+    paper (every step). Costs one kept copy of eps* (the trainable set, or this rank's partition under ZeRO)."""
 
 
 @dataclass
@@ -373,6 +383,12 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.name in METHODS, "method.name", m.name, f"must be one of {METHODS}", "choose ft, efuf or sare")
     _require(m.rho >= 0, "method.rho", m.rho, "the perturbation radius must be >= 0",
              "use 0.05 (paper); 0 reduces SARE to EFUF")
+    _require(m.rho_mode in ("absolute", "adaptive"), "method.rho_mode", m.rho_mode,
+             "must be `absolute` (the paper) or `adaptive` (ASAM's radius relative to |theta|)", "use absolute")
+    _require(m.adaptive_eta > 0, "method.adaptive_eta", m.adaptive_eta, "ASAM's eta must be > 0 (a weight at zero "
+             "would get no radius)", "use 0.01 (ASAM)")
+    _require(isinstance(m.ascent_every, int) and m.ascent_every >= 1, "method.ascent_every", m.ascent_every,
+             "must be an integer >= 1 (the ascent direction is computed every k-th step)", "use 1 (the paper) or e.g. 5")
     _require(m.lambda1 >= 0, "method.lambda1", m.lambda1, "loss weights must be >= 0 (the sign of the neg loss is built in)",
              "use 0.3 (paper)")
     _require(m.lambda2 >= 0, "method.lambda2", m.lambda2, "loss weights must be >= 0", "use 0.25 (the paper uses 0.2-0.3)")

@@ -32,9 +32,9 @@ class RecordingSpace(PlainParameterSpace):
     """Records lambda1 g_neg (what the perturbed pass added to the gradient), the composed gradient
     and the weights at the optimizer step."""
 
-    def perturb(self, scale):
+    def perturb(self, scale, direction=None):
         self._before = _grads(self.params) if self.separate_direction else None
-        super().perturb(scale)
+        super().perturb(scale, direction)
 
     def restore(self):
         if self._backup is not None:

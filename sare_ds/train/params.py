@@ -57,7 +57,9 @@ class ParameterSpace(ABC):
         return value
 
     @abstractmethod
-    def perturb(self, scale: torch.Tensor) -> None: ...
+    def perturb(self, scale: torch.Tensor, direction: list[torch.Tensor] | None = None) -> None:
+        """Weights the forward sees <- theta + scale * d, or theta + scale * `direction` (a copy_direction
+        result: its tensors pair with direction_tensors()'s; an empty list is d = 0)."""
 
     @abstractmethod
     def restore(self) -> None: ...
@@ -80,6 +82,23 @@ class ParameterSpace(ABC):
     def local_direction_sq_sum(self) -> torch.Tensor:
         """fp32 sum of d^2 over this rank's elements of the direction of eps*."""
         return self.local_grad_sq_sum()
+
+    # -- SARE variants (method.rho_mode, method.ascent_every) --------------------------------
+    def direction_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the storage of this rank's elements of the direction d, the weights theta they pair with);
+        empty lists when d = 0 (a step without direction losses)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its direction")
+
+    def scale_direction_by_weights(self, eta: float) -> None:
+        """d <- (|theta| + eta) * d elementwise, in place: ASAM's operator T_theta (rho_mode=adaptive)."""
+        d, theta = self.direction_tensors()
+        if d:
+            kernels.scale_by_abs_(d, theta, eta)
+
+    def copy_direction(self, scale: torch.Tensor) -> list[torch.Tensor]:
+        """New fp32 tensors holding scale * d: an eps* a later step perturbs by again (ascent_every)."""
+        d, _ = self.direction_tensors()
+        return [x.float() * scale.to(x.device) for x in d]
 
     # -- written once on top of the primitives -------------------------------------------
     def direction_norm(self) -> torch.Tensor:
@@ -169,10 +188,23 @@ class PlainParameterSpace(ParameterSpace):
     def local_grad_sq_sum(self) -> torch.Tensor:
         return kernels.sum_of_squares(self._grads())
 
+    def direction_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._direction_mode:
+            return (list(self._direction), [p.data for p in self.params]) if self._direction is not None else ([], [])
+        for p in self.params:  # the direction is the gradient: give unreached parameters their zero one
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params], [p.data for p in self.params]
+
     @torch.no_grad()
-    def perturb(self, scale: torch.Tensor) -> None:
+    def perturb(self, scale: torch.Tensor, direction: list[torch.Tensor] | None = None) -> None:
         if self._backup is not None:
             raise RuntimeError("perturb() called twice without restore()")
+        if direction is not None:  # a kept eps*: theta goes to a buffer of its own
+            self._backup = [torch.empty_like(p) for p in self.params] if direction else []
+            if direction:
+                kernels.perturb_with_backup_([p.data for p in self.params], direction, scale, self._backup)
+            return
         # Plain fp32 training has no separate master copy, so theta must be kept: the fused
         # pass writes it into the direction's buffer (dead once eps* is formed) while writing
         # theta + scale * d into the weights. Restoring copies it back exactly; re-subtracting

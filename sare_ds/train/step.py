@@ -149,6 +149,11 @@ class UnlearningStep:
         # A ZeRO-3-partitioned head is called a fixed number of times, checkpointed (losses.chunked_span_sums).
         self.head_partitioned = self.head is not None and any(hasattr(p, "ds_id") for p in self.head.parameters())
         self._last_losses: dict[str, torch.Tensor] = {}
+        self.steps_done = 0
+        """Optimizer steps this object has run (method.ascent_every counts them; a resumed run restarts at 0,
+        so its first step computes a new ascent direction)."""
+        self._kept_eps: list[torch.Tensor] | None = None  # ascent_every > 1: eps* of the last ascent
+        self._kept_eps_norm = None
         self.head_positions = 0
         """Positions the LM head has computed logits for, over all forwards (a host count; the bench reads it)."""
 
@@ -180,11 +185,12 @@ class UnlearningStep:
                    for k, w in weights.items())
 
     def _pass(self, micro: list[MicroBatch], weights: dict[str, float], counts: torch.Tensor,
-              read_after: bool = True) -> torch.Tensor:
+              read_after: bool = True, also_forward: tuple[str, ...] = ()) -> torch.Tensor:
         """Forward+backward of sum_k weights[k] L_k over the micro-batches; returns the per-kind sums of
         span NLLs (detached). read_after: the gradient is read right after this pass (a reduction
-        boundary for the last backward)."""
+        boundary for the last backward). also_forward: kinds whose sums are wanted without a gradient."""
         kinds = tuple(k for k, w in weights.items() if w != 0) or tuple(weights)
+        kinds = tuple(dict.fromkeys(kinds + tuple(also_forward)))
         total = torch.zeros(len(KINDS), device=self.device)
         for i, items in enumerate(micro):
             batch = self._batch(items, kinds)
@@ -197,12 +203,15 @@ class UnlearningStep:
         return total
 
     def _shared_pass(self, micro: list[MicroBatch], direction: dict[str, float], capability: dict[str, float],
-                     counts: torch.Tensor) -> torch.Tensor:
+                     counts: torch.Tensor, direction_backward: bool = True) -> torch.Tensor:
         """One forward at theta per micro-batch for both gradients: the direction losses' backward into
-        the space's direction buffer, the capability losses' into the gradient."""
+        the space's direction buffer, the capability losses' into the gradient. direction_backward=False
+        (a step reusing the last eps*): the direction losses are forwarded (their values are logged) but
+        not backpropagated."""
         kinds = tuple(dict.fromkeys([*direction, *capability]))
         total = torch.zeros(len(KINDS), device=self.device)
-        self.space.begin_direction()  # a step without direction losses has d = 0, not the gradient
+        if direction_backward:
+            self.space.begin_direction()  # a step without direction losses has d = 0, not the gradient
         for items in micro:
             batch = self._batch(items, kinds)
             if batch is None:
@@ -210,7 +219,7 @@ class UnlearningStep:
             # Which of the two backwards this batch needs, read on the host tensors (no device sync);
             # in lockstep every rank runs both, a kind it lacks weighing zero.
             has = {k: bool(batch["weights"][:, KIND_INDEX[k]].any()) for k in kinds}
-            need_dir = self.space.lockstep or any(has[k] for k in direction)
+            need_dir = direction_backward and (self.space.lockstep or any(has[k] for k in direction))
             need_cap = self.space.lockstep or any(has[k] and w != 0 for k, w in capability.items())
             sums = self._sums(batch)
             scale = self.space.grad_sum_scale
@@ -251,44 +260,73 @@ class UnlearningStep:
                 sums = self._pass(micro, at_theta, counts)
             metrics.update(self._losses(sums, counts, at_theta))
         else:
-            sharp = method.weights(method.sharp, self.cfg)
-            unit = {k: 1.0 for k in sharp}  # the direction of eps*: the unweighted gradient of these losses
-            if self.space.separate_direction:
-                with t("theta"):                                                       # 1. g and 5. g_cap
-                    sums = self._shared_pass(micro, unit, at_theta, counts)
-                metrics.update(self._losses(sums, counts, at_theta))
-            else:
-                with t("neg_at_theta"):                                                # 1. g
-                    sums = self._pass(micro, unit, counts)
-            at_theta_sharp = self._losses(sums, counts, unit)
-            with t("grad_norm"):                                                       # 2. ||g||
-                grad_norm = self.space.direction_norm()
-                scale = self.cfg.rho / grad_norm.clamp_min(_TINY_NORM)                #    eps* = scale * g
-            with t("perturb"):
-                self.space.perturb(scale)                                              # 3. theta + eps*
-            try:
-                with t("neg_at_eps"):
-                    if not self.space.separate_direction:
-                        self.space.zero_grad()  # g has been used; the gradient now collects lambda1 g_neg
-                    sums_eps = self._pass(micro, sharp, counts, read_after=self.space.separate_direction)
-            finally:
-                with t("restore"):
-                    self.space.restore()                                               # 4. theta, exactly
-            if not self.space.separate_direction:
-                with t("capability"):                                                  # 5. g_cap adds to it
-                    metrics.update(self._losses(self._pass(micro, at_theta, counts), counts, at_theta))
-            at_eps = self._losses(sums_eps, counts, unit)
-            metrics.update(at_theta_sharp)
-            metrics.update({
-                "sam/grad_norm_neg": grad_norm,
-                "sam/eps_norm": scale * grad_norm,
-                "sam/sharpness_gap": sum(at_eps[k] - at_theta_sharp[k] for k in sharp),
-            })
+            metrics.update(self._sharpness_aware(micro, at_theta, counts))
 
+        self.steps_done += 1
         self._last_losses = {k: v for k, v in metrics.items() if "/" not in k}
         with t("optimizer_step"):
             metrics["train/grad_norm"] = self.space.step(self.check_finite, self._describe)  # 6.
         return {(k if "/" in k else f"loss/{k}"): v for k, v in metrics.items()}
+
+    def _sharpness_aware(self, micro: list[MicroBatch], at_theta: dict[str, float], counts: torch.Tensor) -> dict:
+        """Steps 1-5 of SARE (module docstring); with method.ascent_every = k > 1, steps between two ascents
+        skip 1-2 and perturb by the eps* kept from the last ascent."""
+        cfg, t, space = self.cfg, self.timer, self.space
+        metrics: dict[str, torch.Tensor] = {}
+        sharp = self.method.weights(self.method.sharp, cfg)
+        unit = {k: 1.0 for k in sharp}  # the direction of eps*: the unweighted gradient of these losses
+        every = getattr(cfg, "ascent_every", 1)
+        ascent = every == 1 or self._kept_eps is None or self.steps_done % every == 0
+        at_theta_sharp: dict = {}
+        if space.separate_direction:
+            with t("theta"):                                                           # 1. g and 5. g_cap
+                sums = self._shared_pass(micro, unit, at_theta, counts, direction_backward=ascent)
+            metrics.update(self._losses(sums, counts, at_theta))
+            at_theta_sharp = self._losses(sums, counts, unit)
+        elif ascent:
+            with t("neg_at_theta"):                                                    # 1. g
+                at_theta_sharp = self._losses(self._pass(micro, unit, counts), counts, unit)
+        if ascent:
+            with t("grad_norm"):                                                       # 2. eps* = scale * d
+                grad_norm = space.direction_norm()
+                if getattr(cfg, "rho_mode", "absolute") == "adaptive":
+                    # ASAM: eps* = rho T^2 g / ||T g||, T = |theta| + eta: d <- T g, its norm, d <- T^2 g.
+                    space.scale_direction_by_weights(cfg.adaptive_eta)
+                    scale = cfg.rho / space.direction_norm().clamp_min(_TINY_NORM)
+                    space.scale_direction_by_weights(cfg.adaptive_eta)
+                    eps_norm = scale * space.direction_norm()
+                else:
+                    scale = cfg.rho / grad_norm.clamp_min(_TINY_NORM)
+                    eps_norm = scale * grad_norm
+                if every > 1:
+                    self._kept_eps = space.copy_direction(scale)
+            metrics["sam/grad_norm_neg"] = grad_norm
+        else:
+            scale, eps_norm = torch.ones((), device=self.device), self._kept_eps_norm
+        with t("perturb"):
+            space.perturb(scale, None if ascent else self._kept_eps)                   # 3. theta + eps*
+        try:
+            with t("neg_at_eps"):
+                if not space.separate_direction:
+                    space.zero_grad()  # g has been used; the gradient now collects lambda1 g_neg
+                sums_eps = self._pass(micro, sharp, counts, read_after=space.separate_direction)
+        finally:
+            with t("restore"):
+                space.restore()                                                        # 4. theta, exactly
+        if not space.separate_direction:
+            with t("capability"):                                                      # 5. g_cap adds to it
+                # A reusing step ran no neg pass at theta: its L_neg there comes from this forward (weight 0).
+                sums_cap = self._pass(micro, at_theta, counts, also_forward=() if ascent else tuple(unit))
+                metrics.update(self._losses(sums_cap, counts, at_theta))
+                if not ascent:
+                    at_theta_sharp = self._losses(sums_cap, counts, unit)
+        at_eps = self._losses(sums_eps, counts, unit)
+        self._kept_eps_norm = eps_norm
+        metrics.update(at_theta_sharp)
+        metrics["sam/eps_norm"] = eps_norm
+        metrics["sam/ascent"] = torch.tensor(float(ascent), device=self.device)
+        metrics["sam/sharpness_gap"] = sum(at_eps[k] - at_theta_sharp[k] for k in sharp)
+        return metrics
 
     def _describe(self) -> str:
         parts = ", ".join(f"loss/{k}={float(v):.4g}" for k, v in self._last_losses.items())

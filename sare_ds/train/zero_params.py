@@ -206,6 +206,18 @@ class Zero3ParameterSpace(_ZeroSpace):
             return self.local_grad_sq_sum()
         return kernels.sum_of_squares(self._direction_views).to(self._direction.device)
 
+    def direction_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._direction_mode:
+            return list(self._direction_views), self._masters()
+        # The direction is the gradient: its partitions in the optimizer's flat buffer (safe_get_local_grad
+        # returns a copy when that buffer is bf16, which an in-place scaling would not reach).
+        parts = getattr(self.engine.optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+        if parts is None:
+            raise RuntimeError("ZeRO-3: the optimizer has no gradient partition map, which method.rho_mode=adaptive "
+                               "and method.ascent_every > 1 need; use rho_mode=absolute and ascent_every=1 with this "
+                               "DeepSpeed version")
+        return [parts[p.ds_id] for p in self.params], self._masters()
+
     @torch.no_grad()
     def zero_grad(self) -> None:
         self._hook_counts = None
@@ -260,11 +272,14 @@ class Zero3ParameterSpace(_ZeroSpace):
             self.persistent[0].all_gather(param_list=self.persistent)
 
     @torch.no_grad()
-    def perturb(self, scale: torch.Tensor) -> None:
+    def perturb(self, scale: torch.Tensor, direction: list[torch.Tensor] | None = None) -> None:
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore()")
         self._perturbed = True
-        grads = self._direction_views if self._direction_mode else [self._get_grad(p) for p in self.params]
+        if direction is not None:
+            grads = direction
+        else:
+            grads = self._direction_views if self._direction_mode else [self._get_grad(p) for p in self.params]
         for weights, masters, gs in _by_device(self._weights(), self._masters(), grads):
             dev = weights[0].device
             kernels.perturb_(weights, [m.to(dev) for m in masters], [g.to(dev) for g in gs], scale.to(dev))
@@ -345,30 +360,36 @@ class Zero2ParameterSpace(_ZeroSpace):
         device = self.params[0].device
         return kernels.sum_of_squares(grads).to(device) if grads else torch.zeros((), device=device)
 
-    def _assemble(self, scale: torch.Tensor | None) -> None:
-        """weights <- cast(master + scale * g) (or cast(master)), assembled from all ranks' fragments."""
+    def direction_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        frags = list(self._fragments())
+        return ([m.get_lp_grad_fragment(p._index_in_param_group) for p, _, m in frags],
+                [m.get_hp_fragment() for _, _, m in frags])
+
+    def _assemble(self, scale: torch.Tensor | None, direction: list[torch.Tensor] | None = None) -> None:
+        """weights <- cast(master + scale * d) (or cast(master)), assembled from all ranks' fragments; d is
+        the gradient, or `direction` (one tensor per fragment this rank owns, as direction_tensors)."""
         device = self.params[0].device
         flat = torch.zeros(self._total, dtype=torch.float32, device=device)
-        for p, off, m in self._fragments():
+        for i, (p, off, m) in enumerate(self._fragments()):
             addr = m.lp_fragment_address
             piece = flat.narrow(0, off + addr.start, addr.numel)
             master = m.get_hp_fragment().to(device).float().flatten()
             if scale is None:
                 piece.copy_(master)
             else:
-                grad = m.get_lp_grad_fragment(p._index_in_param_group).to(device).float().flatten()
-                piece.copy_(master + scale.to(device) * grad)
+                grad = direction[i] if direction is not None else m.get_lp_grad_fragment(p._index_in_param_group)
+                piece.copy_(master + scale.to(device) * grad.to(device).float().flatten())
         # Fragments are disjoint and the rest is zero: the sum over ranks is exact.
         self.all_reduce_sum(flat)
         for p, off in zip(self.params, self._offsets):
             p.data.copy_(flat.narrow(0, off, p.numel()).view_as(p))
 
     @torch.no_grad()
-    def perturb(self, scale: torch.Tensor) -> None:
+    def perturb(self, scale: torch.Tensor, direction: list[torch.Tensor] | None = None) -> None:
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore()")
         self._perturbed = True
-        self._assemble(scale)
+        self._assemble(scale, direction)
 
     @torch.no_grad()
     def restore(self) -> None:
