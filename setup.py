@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sare_ds", "sare_ds.*"]) + ["sare_kernels"],
     package_dir={"sare_kernels": "kernels"},
-    package_data={"sare_ds": ["resources/*", "resources/pope/*"]},
+    package_data={"sare_ds": ["resources/*", "resources/pope/*", "resources/presets/*"]},
     install_requires=[
         # torch is deliberately unpinned here: launch/setup_env.sh pins it through a
         # constraint file (CPU wheel on CPU machines, the machine's own CUDA build on GPUs).

@@ -19,6 +19,24 @@ which is not available offline). It is built once and cached under
 
 Overrides after the name (comma-separated `key=value`) change the depth or width, keeping the
 token structure (image size, patch, vocabulary, template): see `OVERRIDES`.
+
+Presets of the other families (`FamilyPreset`: preset:qwen2.5-vl-7b, preset:llava-onevision-7b,
+preset:idefics3-8b, preset:internvl3-8b) are data: sare_ds/resources/presets/<name>.json holds the
+published `config.json` architecture fields of the checkpoint (built with transformers'
+`AutoConfig.for_model`, so every value the JSON does not state is the family config class's
+default), its image preprocessing settings (preprocessor_config.json: sizes, min/max pixels,
+patch/merge sizes, tiling) and processor settings (tokens an image, feature strategy), the
+special-token layout of its tokenizer and its chat template (written here from the published
+template's format), plus where each value came from (`values`). Their tokenizer is a stand-in too: a
+byte-level BPE (GPT-2 pre-tokenisation) with 32,000 pieces trained here on the same English word list,
+unused filler pieces up to the checkpoint's first special id, then the checkpoint's special tokens at
+their real ids (e.g. Qwen2.5-VL's <|im_start|> = 151644, <|image_pad|> = 151655; Llama-3's
+<|begin_of_text|> = 128000 and Idefics3's <image> = 128257). Text tokenises to other ids than the real
+vocabulary's and at a similar rate (common English words are one piece each); every id is below the
+model's vocabulary size except InternVL's `<video>` placeholder (151674, as the transformers layout
+needs a video token; it never reaches the model, the processor replaces it). The overrides apply to
+them as well, mapped to each family's field names (Qwen2.5-VL's vision `depth` / `num_heads`; its
+merger output follows the LLM width and its M-RoPE sections the head size).
 """
 from __future__ import annotations
 
@@ -99,11 +117,52 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     use_image_newline_parameter=True),
            template=MISTRAL_INST_TEMPLATE, note="Mistral-7B-Instruct v0.2 + CLIP-L/14-336, AnyRes tiles"),
 )}
+
+
+RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "presets"
+
+
+@dataclass(frozen=True)
+class FamilyPreset:
+    """A preset of another family, read from sare_ds/resources/presets/<name>.json (see the module docstring)."""
+
+    name: str
+    model_type: str            # the checkpoint's model_type (picks the adapter)
+    source: str                # the hub id whose config.json this reproduces
+    note: str
+    path: Path
+
+    @property
+    def data(self) -> dict:
+        return _family_data(self.path)
+
+
+_DATA_CACHE: dict[Path, dict] = {}
+
+
+def _family_data(path: Path) -> dict:
+    if path not in _DATA_CACHE:
+        _DATA_CACHE[path] = json.loads(path.read_text())
+    return copy.deepcopy(_DATA_CACHE[path])
+
+
+def _family_presets() -> dict[str, FamilyPreset]:
+    found = {}
+    for path in sorted(RESOURCES.glob("*.json")):
+        raw = json.loads(path.read_text())
+        found[raw["name"]] = FamilyPreset(raw["name"], raw["model_type"], raw["source"], raw["note"], path)
+    return found
+
+
+PRESETS.update(_family_presets())
+
 # Same token structure as LLaVA-1.5-7B (336 px, patch 14, 576 image tokens, vocabulary 32,064,
 # its chat template) at a size a CPU trains in seconds: the real-shape CPU tests use it.
 REDUCED = "text_layers=2,vision_layers=2,text_hidden=64,text_intermediate=128,text_heads=4,text_kv_heads=4," \
           "vision_hidden=64,vision_intermediate=128,vision_heads=2"
 ALIASES = {"llava-1.5-7b-reduced": f"llava-1.5-7b,{REDUCED}"}
+# The other families' presets at the same reduced size (their image processing, vocabulary and template kept).
+ALIASES.update({f"{name}-reduced": f"{name},{REDUCED}" for name, p in PRESETS.items() if isinstance(p, FamilyPreset)})
 
 # Override keys -> (sub-config, field).
 OVERRIDES = {
@@ -131,7 +190,7 @@ def preset_names() -> list[str]:
     return sorted(PRESETS) + sorted(ALIASES)
 
 
-def parse(spec: str) -> tuple[Preset, dict[str, int]]:
+def parse(spec: str) -> tuple[Preset | FamilyPreset, dict[str, int]]:
     """`preset:NAME[,key=value...]` -> (the preset, its overrides)."""
     body = spec[len(PREFIX):] if is_preset(spec) else spec
     name, *items = [s.strip() for s in body.split(",")]
@@ -156,6 +215,8 @@ def hf_config(spec: str):
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig, LlamaConfig, MistralConfig
 
     preset, overrides = parse(spec)
+    if isinstance(preset, FamilyPreset):
+        return _family_config(spec, preset, overrides)
     text, vision = copy.deepcopy(preset.text), copy.deepcopy(preset.vision)
     for key, value in overrides.items():
         where, name = OVERRIDES[key]
@@ -269,6 +330,8 @@ def build_processor(spec: str, config=None):
 
     preset, _ = parse(spec)
     config = config or hf_config(spec)
+    if isinstance(preset, FamilyPreset):
+        return _family_processor(preset, config)
     tok = build_tokenizer(preset.template)
     size = config.vision_config.image_size
     common = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
@@ -282,6 +345,150 @@ def build_processor(spec: str, config=None):
     return LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=preset.template)
+
+
+# ------------------------------------------------------------------------------ other families
+
+def _vision_field(vision: dict, generic: str) -> str:
+    """The vision config's name for a generic field (Qwen2.5-VL's ViT says depth / num_heads)."""
+    qwen = "depth" in vision
+    return {"num_hidden_layers": "depth" if qwen else "num_hidden_layers",
+            "num_attention_heads": "num_heads" if qwen else "num_attention_heads"}.get(generic, generic)
+
+
+def _family_config(spec: str, preset: FamilyPreset, overrides: dict[str, int]):
+    """The transformers config of a family preset: the published values, then the overrides."""
+    from transformers import AutoConfig
+
+    raw = preset.data["config"]
+    text = raw.get("text_config", raw)  # Qwen2.5-VL's config.json is flat: the LLM's fields at the top
+    vision = raw["vision_config"]
+    for key, value in overrides.items():
+        where, name = OVERRIDES[key]
+        if where == "text":
+            text[name] = value
+        else:
+            vision[_vision_field(vision, name)] = value
+    heads = text["num_attention_heads"]
+    if text["hidden_size"] % heads:
+        raise PresetError(f"model.name_or_path = {spec!r}: text hidden size {text['hidden_size']} is not a multiple "
+                          f"of its {heads} heads; fix the overrides")
+    if heads % text["num_key_value_heads"]:
+        raise PresetError(f"model.name_or_path = {spec!r}: {heads} attention heads are not a multiple of "
+                          f"{text['num_key_value_heads']} key/value heads; fix the overrides")
+    v_heads = vision[_vision_field(vision, "num_attention_heads")]
+    if vision["hidden_size"] % v_heads:
+        raise PresetError(f"model.name_or_path = {spec!r}: vision hidden size {vision['hidden_size']} is not a "
+                          f"multiple of its {v_heads} heads; fix the overrides")
+    head_dim = text["hidden_size"] // heads
+    if "head_dim" in text:
+        text["head_dim"] = head_dim
+    if "out_hidden_size" in vision:  # Qwen2.5-VL: the merger projects into the LLM's width
+        vision["out_hidden_size"] = text["hidden_size"]
+    if "fullatt_block_indexes" in vision:  # full-attention blocks beyond a reduced depth do not exist
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision["depth"]]
+    rope = text.get("rope_scaling") or {}
+    if "mrope_section" in rope and sum(rope["mrope_section"]) != head_dim // 2:
+        # M-RoPE splits half the head's rotary dims 1 : 1.5 : 1.5 over (time, height, width), 16/24/24 at 128.
+        half = head_dim // 2
+        hw = (half - half // 4) // 2
+        rope["mrope_section"] = [half - 2 * hw, hw, hw]
+    model_type = raw.pop("model_type")
+    raw.pop("architectures", None)
+    cfg = AutoConfig.for_model(model_type, **raw)
+    return cfg
+
+
+def _filled_vocab(base: dict, size: int) -> dict:
+    """`base` (piece -> id, ids 0..n-1) extended with unused filler pieces up to `size` entries."""
+    vocab = dict(base)
+    for i in range(len(vocab), size):
+        vocab[f"<|sare_unused_{i}|>"] = i
+    return vocab
+
+
+BYTE_LEVEL_FORMAT = 1  # bump when the construction below changes (part of the cache key)
+
+
+def _byte_level_base() -> Path:
+    """A 32,000-piece byte-level BPE trained on English words (the base of every family stand-in); cached."""
+    cached = cache_root() / "presets" / f"bytelevel-{BYTE_LEVEL_FORMAT}" / "tokenizer.json"
+    if cached.is_file():
+        return cached
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=32_000, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+    def corpus():
+        for word, weight in _english_words():
+            for variant, w in ((word, weight), (word.capitalize(), max(1, weight // 8))):
+                yield " ".join([variant] * w)
+
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    cached.parent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent.parent, prefix=".tmp-"))
+    tok.save(str(tmp / "tokenizer.json"))
+    try:
+        tmp.rename(cached.parent)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cached
+
+
+def build_family_tokenizer(preset: FamilyPreset):
+    """The stand-in tokenizer of a family preset (see the module docstring): the byte-level base, filler
+    pieces up to the first special id, the checkpoint's special tokens at their ids, its BOS behaviour."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    spec = preset.data["tokenizer"]
+    first, specials = spec["first_special_id"], spec["specials"]
+    key = hashlib.sha256(json.dumps([BYTE_LEVEL_FORMAT, spec], sort_keys=True).encode()).hexdigest()[:12]
+    cached = cache_root() / "presets" / f"{preset.name}-tokenizer-{key}.json"
+    if cached.is_file():
+        tok = Tokenizer.from_file(str(cached))
+    else:
+        raw = json.loads(_byte_level_base().read_text())
+        raw["model"]["vocab"] = _filled_vocab(raw["model"]["vocab"], first)
+        tok = Tokenizer.from_str(json.dumps(raw))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        if spec["add_bos"]:
+            bos = spec["bos"]
+            tok.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                    special_tokens=[(bos, tok.token_to_id(bos))])
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tmp-", suffix=".json")
+        os.close(fd)
+        tok.save(tmp)
+        os.replace(tmp, cached)  # atomic: a concurrent build writes the same file
+    ids = [tok.token_to_id(t) for t in specials]
+    if ids != list(range(first, first + len(specials))):
+        raise AssertionError(f"preset {preset.name}: special tokens landed at {ids[:3]}..., not from {first}")
+    named = {"bos_token": spec["bos"], "eos_token": spec["eos"], "pad_token": spec["pad"]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in named.items() if v is not None},
+                                   extra_special_tokens=dict(spec["extra_special_tokens"]),
+                                   model_max_length=spec["model_max_length"], padding_side="right")
+    fast.add_bos_token = bool(spec["add_bos"])
+    fast.chat_template = preset.data["chat_template"]
+    return fast
+
+
+def _family_processor(preset: FamilyPreset, config):
+    """The preset's processor: the published image preprocessing, the stand-in tokenizer, the template."""
+    import transformers
+
+    data = preset.data
+    spec = data["processor"]
+    tok = build_family_tokenizer(preset)
+    image_processor = getattr(transformers, spec["image_processor_cls"])(**spec["image_processor"])
+    parts = dict(image_processor=image_processor, tokenizer=tok)
+    if spec.get("video_processor_cls"):
+        parts["video_processor"] = getattr(transformers, spec["video_processor_cls"])()
+    return getattr(transformers, spec["cls"])(**parts, chat_template=data["chat_template"], **spec["kwargs"])
 
 
 def describe() -> str:
