@@ -38,6 +38,7 @@ setup(
         "pillow",
         "matplotlib",
         "nltk",  # BLEU (corpus_bleu); no nltk data is downloaded
+        "num2words",  # SmolVLM's processor refuses to construct without it
         "triton; platform_system == 'Linux'",
     ],
     # sentencepiece: the converter's tokenizer is checked against the library itself.

@@ -222,9 +222,11 @@ class MLLMAdapter(ABC):
             # built, so the weights are then set from (seed, name) alone: the same in every layout.
             model = model_cls._from_config(config, dtype=dtype, **model_kwargs)
             seeded_random_init(model, PRESET_INIT_SEED)
-        pad = getattr(config, "pad_token_id", None)
-        if pad is None:  # a checkpoint's composite config keeps it on the text config only
-            pad = getattr(config.get_text_config(), "pad_token_id", None)
+        # The text config's first: a composite config keeps it there (some, e.g. Idefics3's, answer the
+        # top-level name with a deprecated default that is not the checkpoint's pad token).
+        pad = getattr(config.get_text_config(), "pad_token_id", None)
+        if pad is None:
+            pad = getattr(config, "pad_token_id", None)
         model.generation_config.pad_token_id = pad
         return cls(model, processor, source)
 
@@ -307,6 +309,11 @@ class MLLMAdapter(ABC):
         e = self.expand_image(text, ids, image, "", f"{self.source}: the bare image placeholder")
         expansion = e.ids[e.start:e.start + e.length]
         return ImageInputs(e.tensors, len(expansion), expansion)
+
+    def generation_images(self, images: list) -> list:
+        """The `images` argument of the processor for a batch of prompts with one image each (a processor
+        that reads a flat list as one prompt's images, e.g. SmolVLM's, gets one list per prompt)."""
+        return list(images)
 
     def token_tensors(self, ids: list[int], response_start: int) -> dict[str, list[int]]:
         """Per-token inputs of the forward besides input_ids (e.g. PaliGemma's token_type_ids), for a

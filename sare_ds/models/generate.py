@@ -120,7 +120,7 @@ def generate_responses(adapter, images: list, prompts: list[str] | str, *, max_n
                 batch_images = images[lo: lo + batch_size]
                 rendered = [adapter.render(adapter.conversation(p), add_generation_prompt=True)
                             for p in prompts[lo: lo + batch_size]]
-                inputs = adapter.processor(images=batch_images, text=rendered, padding=True, return_tensors="pt",
+                inputs = adapter.processor(images=adapter.generation_images(batch_images), text=rendered, padding=True, return_tensors="pt",
                                            add_special_tokens=adapter.add_special_tokens(rendered[0]))
                 inputs = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
                           for k, v in inputs.items()}
