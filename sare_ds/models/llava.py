@@ -45,3 +45,9 @@ class LlavaNextAdapter(LlavaAdapter):
         from transformers import LlavaNextForConditionalGeneration
 
         return LlavaNextForConditionalGeneration
+
+    @classmethod
+    def build_tiny(cls, out_dir, *, seed: int = 0, corpus: list[str] | None = None):
+        from sare_ds.models.tiny import build_tiny_llava_next
+
+        return build_tiny_llava_next(out_dir, seed=seed, corpus=corpus)

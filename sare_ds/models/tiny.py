@@ -134,6 +134,53 @@ def make_tiny_llava(
     return model, processor
 
 
+def make_tiny_llava_next(tokenizer, *, tile: int = 32, patch_size: int = 8, hidden_size: int = 64, seed: int = 0):
+    """A tiny random LLaVA-NeXT (AnyRes tiles of `tile` px, grid pinpoints up to 2 x 2 tiles, the learned
+    image newline) and its processor (nothing written)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=tile, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                             image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default",
+                             vision_feature_layer=-2, image_seq_length=(tile // patch_size) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                              image_grid_pinpoints=pinpoints, do_pad=True)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA15_CHAT_TEMPLATE)
+    return model, processor
+
+
+def build_tiny_llava_next(out_dir: str | Path, *, corpus: list[str] | None = None, vocab_size: int = 600,
+                          seed: int = 0) -> Path:
+    """Build, save and return the directory of a tiny random LLaVA-NeXT checkpoint."""
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(list(corpus or DEFAULT_CORPUS), vocab_size=vocab_size)
+    model, processor = make_tiny_llava_next(tokenizer, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_tiny_llava(
     out_dir: str | Path,
     *,
