@@ -159,16 +159,22 @@ TYPICAL_CAPTION_TOKENS = 150  # a 100-word caption, as EFUF's prompt asks for (~
 
 
 def fixed_sample_tokens(adapter, prompt: str) -> dict[str, int]:
-    """Tokens every sample of `prompt` has before its caption text: BOS + chat template + prompt, and
-    the image's positions (min and max over PROBE_SIZES)."""
+    """Tokens every sample of `prompt` has before its caption text: the chat template + prompt with the
+    special tokens the model's processor adds (BOS; PaliGemma's BOS and newline; InstructBLIP's query
+    positions count as the image's), and the image's positions (min and max over PROBE_SIZES, markers
+    such as <global-img> or <img> included)."""
     from PIL import Image
 
     text = adapter.render(adapter.conversation(prompt), add_generation_prompt=True)
-    ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
-    image_tokens = [adapter.image_inputs(Image.new("RGB", size)).num_image_tokens for size in PROBE_SIZES]
-    # The placeholder itself is replaced by the image's positions; BOS is added in front (as
-    # tokenize_sample does: unless the template rendered it already).
-    text_tokens = len(ids) - ids.count(adapter.placeholder_token_id) + int(needs_bos(adapter.tokenizer, ids))
+    image_tokens, text_tokens = [], None
+    for size in PROBE_SIZES:
+        image = Image.new("RGB", size)
+        n = adapter.image_inputs(image).num_image_tokens
+        image_tokens.append(n)
+        if text_tokens is None:  # the processor's own sequence of the generation prompt, less the image
+            out = adapter.processor(images=adapter.generation_images([image]), text=[text], return_tensors="pt",
+                                    add_special_tokens=adapter.add_special_tokens(text))
+            text_tokens = int(out["input_ids"].shape[1]) - n
     return {"text": text_tokens, "image_min": min(image_tokens), "image_max": max(image_tokens)}
 
 
