@@ -40,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--ds-config", help="plan only this DeepSpeed JSON (default: every GPU config in ds_configs/)")
     p.add_argument("--config", help="training recipe (YAML) whose model / data / optim settings to plan")
     p.add_argument("--seq-len", type=int, help="data.max_length: the longest sequence, image positions included "
-                                              "(default: the recipe's; without a recipe 1024, LLaVA-NeXT 3200)")
+                                              "(default: the recipe's; without a recipe LLaVA-1.5 1024, LLaVA-NeXT 3200, "
+                                              "other families the default image + prompt + 400 caption tokens, "
+                                              "rounded up to a multiple of 512)")
     p.add_argument("--captions-per-step", type=int,
                    help="captions per micro-batch, data.captions_per_step (default: the recipe's, else 4)")
     p.add_argument("--packing", choices=("true", "false"),
@@ -61,8 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: the recipe's, else bfloat16")
     p.add_argument("--image-size", default="640x480", help="WxH of the images (LLaVA-NeXT's tiles depend on it)")
     p.add_argument("--json", help="also write the plan (or the table's records) as JSON here")
-    p.add_argument("--table", action="store_true", help="print THE TABLE (7B / 13B / 34B-class / NeXT on 1, 8, 16 GPUs "
-                                                        "of 40 and 80 GiB) instead of one plan")
+    p.add_argument("--table", action="store_true", help="print THE TABLE (7B / 13B / 34B-class / NeXT and the other families' "
+                                                        "7B-class on 1, 8, 16 GPUs of 40 and 80 GiB) instead of one plan")
     p.add_argument("--list", action="store_true", help="list the model presets and exit")
     args = p.parse_args(argv)
     if args.gpus < 1:
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
             model_cfg, step, recipe_ds_config = resolve(args)
             model = plan.summarize(model_cfg, image_size=args.image_size)
             if not (args.seq_len or args.config):
-                step = dataclasses.replace(step, seq_len=plan.DEFAULT_SEQ_LEN.get(model.family, step.seq_len))
+                step = dataclasses.replace(step, seq_len=plan.default_seq_len(model))
             configs = [plan.ZeroSettings.from_json(args.ds_config)] if args.ds_config else None
             out = plan.plan_run(model, step, args.gpus, args.gpu_mem, configs, recipe_ds_config)
             print(plan.format_plan(out))

@@ -56,8 +56,11 @@ from typing import Mapping, Sequence
 
 GiB = 2 ** 30
 KINDS = ("pos", "neg", "sent")
-# Default sequence lengths when no recipe gives data.max_length (the recipes' values).
+# Default sequence lengths when no recipe gives data.max_length (the recipes' values); other families:
+# `default_seq_len`, the image and prompt positions of the default image + CAPTION_ROOM, rounded up.
 DEFAULT_SEQ_LEN = {"llava": 1024, "llava_next": 3200}
+CAPTION_ROOM = 400       # response tokens a caption may take (LLaVA-1.5's 1024 = 576 + 40 + ~400)
+SEQ_LEN_MULTIPLE = 512
 DEFAULT_IMAGE_SIZE = (640, 480)  # a COCO-like image: 5 AnyRes tiles, 2,340 image tokens on LLaVA-NeXT
 # BOS + chat template + EFUF's caption prompt, in tokens, before the image positions are added
 # (`fixed_sample_tokens`: 40 for LLaVA-1.5 and LLaVA-NeXT-Mistral); used when the model has no tokenizer.
@@ -84,6 +87,11 @@ TABLE_MODELS = (
      "preset:llava-1.5-13b,text_layers=60,text_hidden=7168,text_intermediate=20480,text_heads=56,text_kv_heads=8",
      1024),
     ("LLaVA-NeXT-Mistral-7B", "preset:llava-next-mistral-7b", 3200),
+    # Other families (their recipes' data.max_length: `default_seq_len` of a 640 x 480 image).
+    ("Qwen2.5-VL-7B", "preset:qwen2.5-vl-7b", 1024),
+    ("LLaVA-OneVision-7B", "preset:llava-onevision-7b", 3584),
+    ("Idefics3-8B", "preset:idefics3-8b", 3072),
+    ("InternVL3-8B", "preset:internvl3-8b", 4096),
 )
 TABLE_GPUS = (1, 8, 16)
 TABLE_MEMORY_GIB = (40, 80)
@@ -114,10 +122,16 @@ class VisionShape:
     intermediate: int
     layers: int
     heads: int
-    tokens: int                # positions per tile, CLS included (577 for CLIP-L/14 at 336 px)
+    tokens: int                # positions per tile, CLS included (577 for CLIP-L/14 at 336 px; Qwen: the grid's patches)
     feature_layer: int         # the hidden state the projector reads (-2: the last layer's output is unused)
     layer_linear_params: int   # weights of the Linear layers of ONE encoder layer
     patch_embed_params: int
+    cls_tokens: int = 1        # class-token positions of a tile (CLIP, InternViT: 1; SigLIP, Qwen's ViT: 0)
+
+    @property
+    def features(self) -> int:
+        """Patch positions of a tile (what the projector reads, before any pixel shuffle / merge)."""
+        return self.tokens - self.cls_tokens
 
     @property
     def layers_used(self) -> int:
@@ -141,6 +155,8 @@ class ModelSummary:
     image_tokens: int                  # LLM positions of one image
     image_tiles: int                   # vision-tower forwards of one image (AnyRes tiles + base image)
     image_size: tuple                  # (width, height) the image counts were taken at
+    projector_inputs: tuple = ()       # their in_features (() : LLaVA's MLP, vision hidden then LLM hidden)
+    projector_norms: tuple = ()        # (width, RMSNorm) of the projector's norms (InternVL, Qwen's merger)
     lora_targets: tuple = ()           # module suffixes with LoRA (trainable=mapping+lora)
     lora_rank: int = 0
     lora_dtype_bytes: int = 0          # peft keeps the adapters in fp32 on a bf16 model
@@ -201,12 +217,29 @@ class ModelSummary:
             persistent_params=sum(n for n in flat if n <= persistence_threshold))
 
 
+# Where each family keeps its parts (module name suffixes, looked up in this order):
+# LLaVA / OneVision / InternVL `vision_tower`, Qwen2-VL / Qwen2.5-VL `visual` (its `merger` inside it is
+# the mapping), Idefics3 / SmolVLM `vision_model`; the LLM `language_model` (Idefics3: `text_model`);
+# the mapping `multi_modal_projector`, Qwen's `merger`, Idefics3's `connector`.
+VISION_MODULES = ("vision_tower", "visual", "vision_model")
+LLM_MODULES = ("language_model", "text_model")
+PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
+
+
+def _is_vision(name: str) -> bool:
+    return any(re.search(rf"(^|\.){m}(\.|$)", name) for m in VISION_MODULES)
+
+
+def _is_llm(name: str) -> bool:
+    return any(re.search(rf"(^|\.){m}(\.|$)", name) for m in LLM_MODULES)
+
+
 def _group(name: str, mapping_patterns) -> str:
     if any(re.search(p, name) for p in mapping_patterns):
         return "projector"
-    if "vision_tower" in name:
+    if _is_vision(name):
         return "vision"
-    if "language_model" in name or "lm_head" in name:
+    if _is_llm(name) or "lm_head" in name:
         return "llm"
     return "other"
 
@@ -227,11 +260,40 @@ def count_parameters(model, mapping_patterns) -> tuple[dict, dict]:
     return total, trainable
 
 
-def _find(model, suffix: str):
-    for name, module in model.named_modules():
-        if name.endswith(suffix):
-            return module
+def _find(model, suffix: str | Sequence[str]):
+    """The first module whose name ends with `suffix` (a sequence: the first suffix that any module has)."""
+    for one in ((suffix,) if isinstance(suffix, str) else suffix):
+        for name, module in model.named_modules():
+            if name == one or name.endswith("." + one):
+                return module
     return None
+
+
+def _pair(x) -> tuple[int, int]:
+    """(height, width) of a config's image_size / patch_size: an int, or a list (InternVL)."""
+    return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
+
+
+def _vision_field(vc, *names, default=None):
+    """The vision config's value under the first of `names` it has (Qwen's ViT: depth / num_heads)."""
+    for n in names:
+        value = getattr(vc, n, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _class_tokens(vision_module) -> int:
+    """Positions a tile adds to its patches: 1 with a class token (CLIP's class_embedding, InternViT's
+    cls_token), 0 without (SigLIP, Idefics3's SigLIP, Qwen's ViT)."""
+    return int(any(re.search(r"(^|\.)(class_embedding|cls_token)$", n) for n, _ in vision_module.named_parameters()))
+
+
+def _feature_layer(config) -> int:
+    layer = getattr(config, "vision_feature_layer", None)
+    if layer is None:
+        return -1  # Qwen-VL, Idefics3: the tower's last layer
+    return layer if isinstance(layer, int) else max(layer)  # several concatenated: the deepest decides
 
 
 def _linear_numel(module) -> int:
@@ -240,62 +302,95 @@ def _linear_numel(module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
-def _shapes(model, config) -> tuple[LLMShape, VisionShape, tuple]:
+def _shapes(model, config, tile_positions: int | None = None) -> tuple:
+    """(LLM shape, vision shape, projector Linear numels, their in_features, projector norms). `tile_positions`:
+    the tower's patch positions of one tile when its config has no image_size (Qwen's ViT takes the
+    processor's grid: `_image_counts`)."""
     import torch
 
     tc, vc = config.text_config, config.vision_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    llm = _find(model, "language_model")
-    vision = _find(model, "vision_tower")
-    projector = _find(model, "multi_modal_projector")
+    llm = _find(model, LLM_MODULES)
+    vision = _find(model, VISION_MODULES)
+    projector = _find(model, PROJECTOR_MODULES)
     lm_head = _find(model, "lm_head")
     decoder_layers = [m for n, m in llm.named_modules() if re.search(r"layers\.\d+$", n)]
-    encoder_layers = [m for n, m in vision.named_modules() if re.search(r"layers\.\d+$", n)]
-    conv = next((m for m in vision.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    encoder_layers = [m for n, m in vision.named_modules() if re.search(r"(layers|layer|blocks)\.\d+$", n)]
+    conv = next((m for m in vision.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
     lm_head_w = lm_head.weight if hasattr(lm_head, "weight") else lm_head.base_layer.weight
     llm_shape = LLMShape(tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.num_attention_heads,
                          getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads, head_dim,
                          tc.vocab_size, _linear_numel(decoder_layers[0]), lm_head_w.numel())
-    feature_layer = config.vision_feature_layer
-    if not isinstance(feature_layer, int):
-        feature_layer = max(feature_layer)  # several layers concatenated: the deepest decides the backward
-    tokens = (vc.image_size // vc.patch_size) ** 2 + 1
-    vision_shape = VisionShape(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.num_attention_heads,
-                               tokens, feature_layer, _linear_numel(encoder_layers[0]),
-                               conv.weight.numel() if conv is not None else 0)
-    linears = tuple(m.weight.numel() for m in projector.modules() if isinstance(m, torch.nn.Linear))
-    return llm_shape, vision_shape, linears
+    cls = _class_tokens(vision)
+    if getattr(vc, "image_size", None) is not None:
+        (ih, iw), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
+        patches = (ih // ph) * (iw // pw)
+    elif tile_positions is not None:
+        patches = tile_positions
+    else:
+        raise PlanError(f"{type(vc).__name__} has no image_size: the tower's positions come from the processor's "
+                        "grid, and this model has no processor (pass image_counts with the tile positions)")
+    vision_shape = VisionShape(
+        vc.hidden_size, vc.intermediate_size, _vision_field(vc, "num_hidden_layers", "depth"),
+        _vision_field(vc, "num_attention_heads", "num_heads"), patches + cls, _feature_layer(config),
+        _linear_numel(encoder_layers[0]), conv.weight.numel() if conv is not None else 0, cls)
+    proj = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
+    return (llm_shape, vision_shape, tuple(m.weight.numel() for m in proj), tuple(m.in_features for m in proj),
+            _projector_norms(projector))
 
 
-def _image_counts(adapter, image_size: tuple[int, int]) -> tuple[int, int]:
-    """(LLM positions, vision-tower tiles) of one image, from the model's own processor."""
+def _projector_norms(projector) -> tuple:
+    """(width, is an RMSNorm) of the normalisations before the projector's first Linear (InternVL's
+    LayerNorm, Qwen's RMSNorm ln_q), in forward order."""
+    out = []
+    for m in projector.modules():
+        kind = type(m).__name__
+        if "Norm" in kind and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+            out.append((int(m.weight.shape[0]), "RMS" in kind))
+    return tuple(out)
+
+
+def _image_counts(adapter, image_size: tuple[int, int]) -> tuple[int, int, int | None]:
+    """(LLM positions, vision-tower tiles, tower positions of one tile or None: the config's) of one image,
+    from the model's own processor. Tiles: LLaVA-NeXT / OneVision / Idefics3 pixel_values
+    [1, tiles, 3, H, W], InternVL [tiles, 3, H, W], LLaVA [1, 3, H, W]; Qwen's flat patches
+    [grid_t * grid_h * grid_w, C * t * p * p] are one tile of the grid's positions."""
     vc = adapter.model.config.vision_config
-    per_tile = (vc.image_size // vc.patch_size) ** 2
     if adapter.processor is None:
-        return per_tile, 1
+        if getattr(vc, "image_size", None) is None:
+            raise PlanError(f"{adapter.source}: no processor and no vision image_size; the image positions are "
+                            "unknown (pass image_counts)")
+        (ih, iw), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
+        return (ih // ph) * (iw // pw), 1, None
     from PIL import Image
 
     inputs = adapter.image_inputs(Image.new("RGB", tuple(image_size), (128, 128, 128)))
-    pixels = inputs.tensors["pixel_values"]
-    tiles = pixels.shape[1] if pixels.dim() == 5 else 1
-    return int(inputs.num_image_tokens), int(tiles)
+    t = inputs.tensors
+    pixels = t["pixel_values"]
+    if "image_grid_thw" in t:
+        return int(inputs.num_image_tokens), 1, int(t["image_grid_thw"][0].prod())
+    tiles = pixels.shape[1] if pixels.dim() == 5 else pixels.shape[0] if pixels.dim() == 4 else 1
+    return int(inputs.num_image_tokens), int(tiles), None
 
 
-def _vision_graph_requires_grad(vision_tower, config, dtype) -> bool:
+def _vision_graph_requires_grad(vision_tower, config, dtype, mapping=frozenset()) -> bool:
     """Does the vision tower's output require grad (so the backward enters it)? One forward of one
-    tile, on the meta device for a meta model (no memory, ~0.2 s for CLIP-L)."""
+    tile, on the meta device for a meta model (no memory, ~0.2 s for CLIP-L). A tower that cannot run
+    this way (Qwen's ViT takes flat patches and a grid) is decided from its parameters outside the
+    mapping layers (`mapping`: their ids; Qwen's merger is trainable but runs after every block)."""
     import torch
 
     vc = config.vision_config
-    device = next(vision_tower.parameters()).device
-    pixels = torch.zeros(1, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size, device=device, dtype=dtype)
-    layer = config.vision_feature_layer if isinstance(config.vision_feature_layer, int) else -1
     try:
+        device = next(vision_tower.parameters()).device
+        h, w = _pair(vc.image_size)
+        pixels = torch.zeros(1, getattr(vc, "num_channels", 3), h, w, device=device, dtype=dtype)
+        layer = config.vision_feature_layer if isinstance(getattr(config, "vision_feature_layer", None), int) else -1
         with torch.enable_grad():
             out = vision_tower(pixel_values=pixels, output_hidden_states=True)
         return bool(out.hidden_states[layer].requires_grad)
     except Exception:  # noqa: BLE001 - a tower that cannot run here: decide from its parameters
-        return any(p.requires_grad for p in vision_tower.parameters())
+        return any(p.requires_grad for p in vision_tower.parameters() if id(p) not in mapping)
 
 
 def summarize(model_cfg, image_size: tuple[int, int] | None = None, persistence_threshold: float = 1e5) -> ModelSummary:
@@ -321,27 +416,32 @@ def summarize_adapter(adapter, *, dtype: str, trainable_rule: str = "mapping", l
                       persistence_threshold: float = 1e5, source: str | None = None,
                       image_counts: tuple[int, int] | None = None) -> ModelSummary:
     """The summary of an adapter whose trainable set is chosen (meta or real weights; gradient
-    checkpointing off: it is switched on here, once, to see what it does to the graph)."""
+    checkpointing off: it is switched on here, once, to see what it does to the graph). `image_counts`:
+    (LLM positions, tiles[, tower positions of a tile]) of one image instead of the processor's."""
     from sare_ds.models import DTYPES
 
     model = adapter.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     config = base.config
     params, trainable = count_parameters(model, adapter.mapping_patterns)
-    llm, vision, projector_linears = _shapes(model, config)
     size = tuple(image_size or DEFAULT_IMAGE_SIZE)
-    image_tokens, tiles = image_counts or _image_counts(adapter, size)
-    vision_tower = _find(model, "vision_tower")
+    counts = tuple(image_counts or _image_counts(adapter, size))
+    image_tokens, tiles = counts[:2]
+    tile_positions = counts[2] if len(counts) > 2 else None
+    llm, vision, projector_linears, projector_inputs, projector_norms = _shapes(model, config, tile_positions)
+    vision_tower = _find(model, VISION_MODULES)
     torch_dtype = DTYPES[dtype]
-    without_gc = _vision_graph_requires_grad(vision_tower, config, torch_dtype)
+    patterns = frozenset(id(p) for n, p in model.named_parameters()
+                         if any(re.search(pat, n) for pat in adapter.mapping_patterns))
+    without_gc = _vision_graph_requires_grad(vision_tower, config, torch_dtype, patterns)
     # Gradient checkpointing as training switches it on (sare_ds.models.enable_gradient_checkpointing):
     # whatever it does to the graph (e.g. transformers' input-require-grads hooks) is seen here.
     was_on = _set_checkpointing(base, True)
-    with_gc = _vision_graph_requires_grad(vision_tower, config, torch_dtype)
+    with_gc = _vision_graph_requires_grad(vision_tower, config, torch_dtype, patterns)
     _set_checkpointing(base, was_on)
     numels = tuple(p.numel() for p in model.parameters())
     lora_bytes = next((p.element_size() for n, p in model.named_parameters() if "lora_A" in n), 0)
-    llm_module = _find(model, "language_model")
+    llm_module = _find(model, LLM_MODULES)
     first_layer = next(m for n, m in llm_module.named_modules() if re.search(r"layers\.\d+$", n))
     layer_numels = tuple(p.numel() for p in first_layer.parameters())
     leaves = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
@@ -350,6 +450,7 @@ def summarize_adapter(adapter, *, dtype: str, trainable_rule: str = "mapping", l
     return ModelSummary(
         source=name, family=adapter.family, dtype=dtype, params=params, trainable=trainable,
         trainable_rule=trainable_rule, llm=llm, vision=vision, projector_linears=projector_linears,
+        projector_inputs=projector_inputs, projector_norms=projector_norms,
         image_tokens=image_tokens, image_tiles=tiles, image_size=size,
         lora_targets=tuple(lora_targets), lora_rank=lora_rank, lora_dtype_bytes=lora_bytes,
         vision_backward_with_gc=with_gc, vision_backward_without_gc=without_gc,
@@ -400,6 +501,16 @@ def _preset_note(name: str) -> str:
         return ""
     preset, overrides = presets.parse(name)
     return f"{preset.note}; shapes of {preset.source}" + (f", overridden: {overrides}" if overrides else "")
+
+
+def default_seq_len(model: ModelSummary) -> int:
+    """data.max_length when neither a recipe nor --seq-len gives one: the recipes' value for LLaVA-1.5
+    (1024) and LLaVA-NeXT (3200); for the other families the image + prompt positions of the default
+    image (`prefix_tokens`) + CAPTION_ROOM caption tokens, rounded up to a multiple of SEQ_LEN_MULTIPLE
+    (Qwen2.5-VL 1024, LLaVA-OneVision 3584, Idefics3 3072, InternVL 4096 at 640 x 480)."""
+    if model.family in DEFAULT_SEQ_LEN:
+        return DEFAULT_SEQ_LEN[model.family]
+    return -(-(model.prefix_tokens + CAPTION_ROOM) // SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE
 
 
 # ------------------------------------------------------------------------------------- the step
@@ -659,22 +770,45 @@ def rotary_bytes(llm: LLMShape, seq: int, dtype_bytes: int) -> int:
     return 2 * dtype_bytes * seq * llm.head_dim
 
 
-def projector_saved_bytes(model: ModelSummary, images: int, dtype_bytes: int, vision_backward: bool) -> int:
-    """The projector's Linear inputs (its weights train) and its activation's input, per vision tile.
+def projector_merge(model: ModelSummary) -> int:
+    """Patches per row of the projector's first Linear: 1 (LLaVA, OneVision), 4 after a 2 x 2 pixel
+    shuffle or patch merge (Idefics3's connector, InternVL's projector, Qwen's merger)."""
+    ins = model.projector_inputs
+    return max(1, ins[0] // model.vision.hidden) if ins else 1
 
-    The first Linear keeps the selected vision hidden state (a view of the tower's [tiles, 577, vh]
-    output); the GELU keeps its input and the second Linear its input (s*h per image feature each).
-    With a backward through the tower that hidden state is already kept as a checkpointed input.
+
+def projector_rows(model: ModelSummary) -> int:
+    """Rows the projector's Linears run on, per tile."""
+    return model.vision.features // projector_merge(model)
+
+
+def projector_saved_bytes(model: ModelSummary, images: int, dtype_bytes: int, vision_backward: bool) -> int:
+    """The projector's Linear inputs (its weights train) and its activations' inputs, per vision tile.
+
+    The first Linear keeps its input: with one tile and a class token, the selected vision hidden state
+    (a view of the tower's [1, 577, vh] output; with a backward through the tower that hidden state is
+    already kept as a checkpointed input); with several tiles ([tiles, 577, vh][:, 1:] is not contiguous),
+    or after a pixel shuffle / patch merge (a reshaped copy), a contiguous copy, rows x in_features.
+    Each later Linear keeps its input and the activation before it its own (s * in_features per row each).
+    A norm before the first Linear adds its own: InternVL's LayerNorm its input + mean and rstd (in the
+    input's dtype, as measured on the CPU); Qwen's RMSNorm ln_q only the normalised input of its trainable
+    weight's product (its input needs no gradient, so the fp32 upcast keeps nothing).
     """
-    v, h, s = model.vision, model.llm.hidden, dtype_bytes
+    v, s = model.vision, dtype_bytes
     tiles = images * model.image_tiles
-    features = v.tokens - 1
-    if tiles > 1:
-        # [tiles, 577, vh][:, 1:] is not contiguous: the Linear's matmul keeps a contiguous copy.
-        first = tiles * s * features * v.hidden
-    else:
+    ins = model.projector_inputs or (v.hidden, model.llm.hidden)
+    merge = projector_merge(model)
+    rows = v.features // merge
+    if merge == 1 and tiles == 1 and (v.cls_tokens or vision_backward):
         first = 0 if vision_backward else s * v.tokens * v.hidden
-    return first + tiles * 2 * s * features * h
+    else:
+        first = tiles * s * rows * ins[0]
+    rest = tiles * 2 * s * rows * sum(ins[1:])
+    norms = 0
+    for width, rms in model.projector_norms:
+        n = tiles * v.features * v.hidden // width
+        norms += n * (s * width if rms else s * width + 2 * s)
+    return first + rest + norms
 
 
 def vision_saved_bytes(model: ModelSummary, images: int, dtype_bytes: int, *, vision_backward: bool,
@@ -1019,8 +1153,8 @@ def _sample_flops(model: ModelSummary, seq: float, images: float, *, gradient_ch
     layers_fwd = 2 * seq * llm.layer_linear_params * llm.layers + attention_fwd
     head_fwd = 2 * head_tokens * llm.lm_head_params
     vision_layer_fwd = 2 * v.tokens * v.layer_linear_params + 4 * v.tokens * v.tokens * v.hidden
-    vision_fwd = tiles * (v.layers * vision_layer_fwd + 2 * (v.tokens - 1) * v.patch_embed_params)
-    features = tiles * (v.tokens - 1)
+    vision_fwd = tiles * (v.layers * vision_layer_fwd + 2 * v.features * v.patch_embed_params)
+    features = tiles * projector_rows(model)  # rows of the projector's Linears (after a pixel shuffle / merge)
     proj = model.projector_linears
     projector_fwd = 2 * features * sum(proj)
     forward = layers_fwd + head_fwd + vision_fwd + projector_fwd
@@ -1448,6 +1582,7 @@ def measure_batch(adapter, lengths: Sequence[int], labelled: Sequence[int] | Non
     model = adapter.model
     image = adapter.image_inputs(Image.new("RGB", DEFAULT_IMAGE_SIZE, (90, 140, 200)))
     n_image = image.num_image_tokens
+    expansion = torch.tensor(image.expansion if image.expansion is not None else [adapter.image_token_id] * n_image)
     labelled = list(labelled) if labelled is not None else [n - 1 - n_image for n in lengths]
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -1457,12 +1592,14 @@ def measure_batch(adapter, lengths: Sequence[int], labelled: Sequence[int] | Non
             raise PlanError(f"labelled={k}: a {n}-token sequence has {n - 1 - n_image} tokens after BOS and the image")
         ids = torch.randint(3, min(1000, vocab), (n,), generator=gen)
         ids[ids == adapter.image_token_id] = 3
-        ids[1:1 + n_image] = adapter.image_token_id
+        ids[1:1 + n_image] = expansion  # the family's expansion (markers such as <global-img> included)
         weights = torch.zeros(len(KINDS), n)
         weights[:, n - k:] = torch.rand(len(KINDS), k, generator=gen) + 0.1
         labels = torch.full((n,), -100, dtype=torch.long)
         labels[n - k:] = ids[n - k:]
-        items.append(TokenizedCaption(ids, labels, weights, torch.ones(len(KINDS)), image.tensors))
+        extra = {k: torch.tensor(v) for k, v in adapter.token_tensors(ids.tolist(), n - k).items()}
+        items.append(TokenizedCaption(ids, labels, weights, torch.ones(len(KINDS)), image.tensors,
+                                      token_tensors=extra))
     pad = getattr(model.config, "pad_token_id", None) or 0
     return collate_captions(items, pad, KINDS), n_image
 
@@ -1508,9 +1645,10 @@ def measure_pass(adapter, lengths: Sequence[int], *, labelled: Sequence[int] | N
     hooks = []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the names of the model
     for name, module in base.named_modules():
-        part = ("vision" if "vision_tower" in name else "projector" if "multi_modal_projector" in name
-                else "llm_layers" if re.search(r"layers\.\d+", name) and "language_model" in name
-                else "llm_shared" if "language_model" in name or name.endswith("model") else None)
+        part = ("projector" if any(re.search(p, name + ".") for p in adapter.mapping_patterns)
+                else "vision" if _is_vision(name)
+                else "llm_layers" if re.search(r"layers\.\d+", name) and _is_llm(name)
+                else "llm_shared" if _is_llm(name) or name.endswith("model") else None)
         if part is None:
             continue
         hooks.append(module.register_forward_pre_hook(lambda m, a, part=part: stack.append(part)))
@@ -1602,6 +1740,10 @@ RECIPES = {  # table row -> the recipe that describes its run (written by the re
     "preset:llava-1.5-7b": "launch/configs/llava15_7b_sare.yaml",
     "preset:llava-1.5-13b": "launch/configs/llava15_13b_sare.yaml",
     "preset:llava-next-mistral-7b": "launch/configs/llava_next_mistral7b_sare.yaml",
+    "preset:qwen2.5-vl-7b": "launch/configs/qwen25vl_7b_sare.yaml",
+    "preset:llava-onevision-7b": "launch/configs/onevision_7b_sare.yaml",
+    "preset:idefics3-8b": "launch/configs/idefics3_8b_sare.yaml",
+    "preset:internvl3-8b": "launch/configs/internvl3_8b_sare.yaml",
 }
 
 
