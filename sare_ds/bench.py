@@ -367,10 +367,20 @@ class Config:
     method: str
     packing: bool
     full_head: bool = False  # the LM head at every position (EFUF's code), not the labelled ones only
+    rho_mode: str = "absolute"  # SARE's variants (method.rho_mode, method.ascent_every)
+    ascent_every: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.method}/{'packed' if self.packing else 'unpacked'}{'+fullhead' if self.full_head else ''}"
+        variant = ("+adaptive" if self.rho_mode == "adaptive" else "") + (
+            f"+every{self.ascent_every}" if self.ascent_every > 1 else "")
+        return (f"{self.method}/{'packed' if self.packing else 'unpacked'}{'+fullhead' if self.full_head else ''}"
+                f"{variant}")
+
+
+# SARE's variants timed beside the paper's step (docs/toy_world.md: what they buy in flatness).
+VARIANTS = (Config("sare", True, rho_mode="adaptive"), Config("sare", True, ascent_every=2),
+            Config("sare", True, ascent_every=4))
 
 
 class Runner:
@@ -387,7 +397,8 @@ class Runner:
         optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
         self.timer = PhaseTimer(torch.device("cpu"))
         self.step = UnlearningStep(adapter.model, adapter.forward_inputs, PlainParameterSpace(params, optimizer),
-                                   MethodConfig(name=cfg.method), device=torch.device("cpu"), dtype=torch.float32,
+                                   MethodConfig(name=cfg.method, rho_mode=cfg.rho_mode, ascent_every=cfg.ascent_every),
+                                   device=torch.device("cpu"), dtype=torch.float32,
                                    pad_token_id=adapter.tokenizer.pad_token_id, timer=self.timer,
                                    keep_logits=not cfg.full_head, head_chunks=args.head_chunks)
         tokenized, self.skipped = tokenize(captions, adapter, cfg.method, cfg.packing, args.max_length)
@@ -473,7 +484,7 @@ def run_timing(args, log) -> dict:
 
     # The order puts SARE packed between the two EFUF baselines it is compared with.
     configs = [Config("ft", True), Config("ft", False), Config("efuf", False, full_head=True), Config("efuf", False),
-               Config("sare", True), Config("efuf", True), Config("sare", False)]
+               Config("sare", True), Config("efuf", True), Config("sare", False), *VARIANTS]
     runners = [Runner(adapter, c, captions, args) for c in configs]
     log(f"timing {len(configs)} configurations x {args.reps} repetitions, {args.captions} captions an epoch "
         f"({samples}), neg share {args.neg_share}")
@@ -495,6 +506,8 @@ def run_timing(args, log) -> dict:
         "efuf_packed/efuf_unpacked": ("efuf/packed", "efuf/unpacked"),
         "ft_packed/ft_unpacked": ("ft/packed", "ft/unpacked"),
         "efuf_unpacked/efuf_unpacked_fullhead": ("efuf/unpacked", "efuf/unpacked+fullhead"),
+        **{f"{v.name.replace('/', '_')}/efuf_packed": (v.name, "efuf/packed") for v in VARIANTS},
+        **{f"{v.name.replace('/', '_')}/sare_packed": (v.name, "sare/packed") for v in VARIANTS},
     }.items()}
 
     sweep = []

@@ -38,7 +38,11 @@ def test_quick_run_writes_json_and_chart(quick_result):
     t = result["timing"]
     assert t["model"]["vocab"] == 32064 and t["model"]["image_tokens"] == 64  # (112 // 14)^2
     names = {f"{m}/{p}" for m in bench.METHODS for p in ("packed", "unpacked")} | {"efuf/unpacked+fullhead"}
-    assert set(t["configs"]) == names
+    variants = {"sare/packed+adaptive", "sare/packed+every2", "sare/packed+every4"}
+    assert {v.name for v in bench.VARIANTS} == variants
+    assert set(t["configs"]) == names | variants
+    for v in variants:
+        assert t["ratios"][f"{v.replace('/', '_')}/efuf_packed"]["median"] > 0
     for name, c in t["configs"].items():
         assert c["epoch_s"]["median"] > 0 and len(c["epoch_s"]["reps"]) == 1, name
         assert set(c["tokens"]) == {"forwards", "positions", "real", "head"}
@@ -69,6 +73,13 @@ def test_quick_run_is_internally_consistent(quick_result):
         assert packed["sequences"] < unpacked["sequences"], m
     # SARE forwards each caption at theta plus its neg captions once more (cut after the last neg token).
     assert t["configs"]["sare/packed"]["tokens"]["forwards"] == 2 * t["configs"]["efuf/packed"]["tokens"]["forwards"] - 1
+    # The variants forward what SARE does; the quick epoch (1 step, after a warm-up step that computed the
+    # ascent) of ascent_every = 2 reuses it: no norm of a new direction, and still a perturbed pass.
+    for v in ("sare/packed+adaptive", "sare/packed+every2", "sare/packed+every4"):
+        assert t["configs"][v]["tokens"] == t["configs"]["sare/packed"]["tokens"], v
+    assert "grad_norm" in t["configs"]["sare/packed+adaptive"]["phases_s"]
+    reused = t["configs"]["sare/packed+every2"]["phases_s"]
+    assert "grad_norm" not in reused and {"theta", "perturb", "neg_at_eps", "restore"} <= set(reused)
     for key in ("packed_caption", "packed_sent_caption", "unpacked_sample"):
         m = t["memory"][key]
         assert m["vocab"] == 32064
