@@ -46,7 +46,8 @@ class ModelConfig:
     family: str = "auto"
     """Adapter family (`auto` reads `model_type` from the checkpoint's config; else e.g. `llava`)."""
     trust_remote_code: bool = False
-    """Allow checkpoints whose modelling code ships with the weights (mPLUG-Owl, MiniGPT-4...)."""
+    """Allow checkpoints whose config/processor code ships with the weights (transformers' trust_remote_code);
+    the model still needs a sare_ds adapter (docs/models.md: mPLUG-Owl and MiniGPT-4 are not supported)."""
     dtype: str = "float32"
     """Parameter dtype of the loaded model: float32, bfloat16 or float16."""
     trainable: str = "mapping"

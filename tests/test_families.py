@@ -273,3 +273,21 @@ def test_sharpness_probe(family):
     assert all(torch.isfinite(torch.tensor(curve))) and curve[0] == pytest.approx(out["loss_neg_at_theta"], rel=1e-5)
     # L_neg = -NLL rises along its own gradient (ascent) at a small radius.
     assert curve[1] > curve[0]
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"config.json": '{"model_type": "mplug_owl2"}'}, "mplug_owl2"),
+    ({"config.json": '{"model_type": "mplug-owl"}'}, "mplug_owl"),
+    ({"pretrained_minigpt4_7b.pth": "", "minigpt4_eval.yaml": ""}, "LAVIS"),
+    ({"config.json": '{"model_type": "internvl_chat"}'}, "-hf"),
+])
+def test_unsupported_published_layouts_are_refused_with_the_reason(tmp_path, files, needle):
+    """The paper's other models (mPLUG-Owl, MiniGPT-4) and InternVL's remote-code layout: refused before any
+    weight is read, saying why and what to train instead (docs/models.md)."""
+    from sare_ds.models import UnknownModelLayoutError, resolve_adapter
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UnknownModelLayoutError, match="not supported by sare_ds") as e:
+        resolve_adapter(ModelConfig(name_or_path=str(tmp_path)))
+    assert needle in str(e.value) and "docs/models.md" in str(e.value) and "Fix:" in str(e.value)

@@ -36,6 +36,17 @@ log = logging.getLogger("sare_ds.models")
 # Layouts that are LLaVA but not in the transformers (llava-hf) format.
 ORIGINAL_LAYOUTS = {"llava_original", "llava_llama", "llava_mistral", "llava_mpt", "share4v"}
 
+# Published layouts sare_ds cannot load, and why (docs/models.md, "Not supported").
+_OWL_WHY = ("mPLUG-Owl's checkpoints are built by its own `mplug_owl` / `mplug_owl2` packages (their modelling code is "
+            "not shipped with the weights, so transformers cannot build them even with trust_remote_code)")
+UNSUPPORTED_LAYOUTS = {
+    "mplug-owl": _OWL_WHY, "mplug_owl": _OWL_WHY, "mplug_owl2": _OWL_WHY,
+    "minigpt4": ("MiniGPT-4 is a LAVIS-style checkpoint (a projection-layer .pth, separate Vicuna and BLIP-2 weights "
+                 "and a LAVIS yaml), not a transformers model"),
+    "internvl_chat": ("this is InternVL's original remote-code layout; transformers loads the converted `-hf` "
+                      "checkpoints (e.g. OpenGVLab/InternVL3-8B-hf)"),
+}
+
 
 def checkpoint_model_type(name_or_path: str, trust_remote_code: bool = False) -> str:
     """`model_type` of a checkpoint, read from its config.json (no weights, no modelling code).
@@ -44,6 +55,9 @@ def checkpoint_model_type(name_or_path: str, trust_remote_code: bool = False) ->
     `text_config`) is reported as `llava_original` whatever its model_type says (liuhaotian's
     checkpoints say `llava`, like transformers' layout)."""
     path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file() and any(
+            "minigpt" in f.name.lower() for f in path.iterdir()):
+        return "minigpt4"  # its files name it; refused by resolve_adapter with the reason
     if (path / "config.json").is_file():
         try:
             raw = json.loads((path / "config.json").read_text())
@@ -77,6 +91,11 @@ def resolve_adapter(model_cfg) -> type[MLLMAdapter]:
             f"{source}: model_type `{model_type}` is the original LLaVA/ShareGPT4V layout, not the transformers "
             "(llava-hf) one sare_ds loads. Fix: convert it once with `python -m sare_ds.models.convert "
             f"{model_cfg.name_or_path} <out_dir>` and train from <out_dir>.")
+    if model_type in UNSUPPORTED_LAYOUTS:
+        raise UnknownModelLayoutError(
+            f"{source}: model_type `{model_type}` is not supported by sare_ds: {UNSUPPORTED_LAYOUTS[model_type]}. "
+            "Fix: train one of the supported families (docs/models.md lists them and their checkpoints; the "
+            "paper's main model is LLaVA-1.5: llava-hf/llava-1.5-7b-hf).")
     if model_cfg.family == "auto":
         return adapter_class(model_type, source)
     cls = adapter_class(model_cfg.family, f"model.family = {model_cfg.family!r}")

@@ -1,10 +1,10 @@
 """The model-family adapter: what sare_ds needs to know about one MLLM family.
 
 An adapter names the multimodal mapping layers (the paper's trainable set), builds the
-conversation for the model's chat template, prepares images, and loads model + processor
-through transformers. Adding a family (BLIP-2/InstructBLIP Q-Former + projection, the
-Qwen2-VL merger, an Idefics connector, a remote-code model such as mPLUG-Owl) means one
-small subclass registered with `@register_adapter`.
+conversation for the model's chat template, expands the image placeholder exactly as the model's
+own processor does (checked), and loads model + processor through transformers. The families and
+what each was tested with: docs/models.md. Adding a family means one small subclass registered
+with `@register_adapter` (sare_ds/models/qwen2_vl.py is a compact example).
 """
 from __future__ import annotations
 
