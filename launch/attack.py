@@ -33,8 +33,8 @@ from sare_ds.eval.suite import AttackConfig, run_attack_suite
 def _flag_type(default):
     if isinstance(default, bool):
         return lambda s: s.lower() in ("1", "true", "yes")
-    if isinstance(default, list):
-        return lambda s: [int(x) for x in s.split(",") if x]
+    if isinstance(default, list):  # comma-separated numbers: sizes (int) or learning rates (float)
+        return lambda s: [int(x) if x.strip().isdigit() else float(x) for x in s.split(",") if x.strip()]
     return type(default)
 
 

@@ -70,8 +70,70 @@ def markdown_report(results: dict[str, dict], title: str = "Robustness of halluc
              "random gap: the same along random directions of equal norm.", "",
              "| method | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     lines += [f"| {m} | " + " | ".join(cells) + " |" for m, cells in rows.items()]
+    dose = dose_rows(results)
+    if dose:
+        lines += ["", "Relearning dose-response (CHAIR_S % after one epoch of n hallucinated samples at lr; "
+                  "L_neg = -NLL of held-out neg samples, lower is better):", "",
+                  "| method | dose (n @ lr) | CHAIR_S | CHAIR_I | recall | L_neg held-out |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {m} | {d} | {c} | {i} | {r} | {l} |" for m, d, c, i, r, l in dose]
+    verdict = relearning_verdict(results)
+    if verdict:
+        lines += ["", verdict]
+    finding = seed_averaged_finding()
+    if finding:
+        lines += ["", f"Over seeds (docs/toy_world.md): {finding}"]
     lines += ["", "Files: report.json (all numbers), relearn_curve.png, landscape.png."]
     return "\n".join(lines) + "\n"
+
+
+def dose_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
+    rows = []
+    for method, r in results.items():
+        for key, m in r.get("dose", {}).items():
+            loss = m.get("L_neg_heldout")
+            rows.append((method, key, f"{100 * m['CHAIR_S']:.1f}", f"{100 * m['CHAIR_I']:.1f}", f"{100 * m['recall']:.1f}",
+                         f"{loss:.3f}" if loss is not None else "-"))
+    return rows
+
+
+def _difference_se(p1: float, p2: float, n: int) -> float:
+    """Standard error of the difference of two CHAIR_S proportions, each over n captions (binomial)."""
+    return (p1 * (1 - p1) / n + p2 * (1 - p2) / n) ** 0.5
+
+
+def relearning_verdict(results: dict[str, dict], a: str = "SARE", b: str = "EFUF") -> str:
+    """One or two sentences drawn from this run's numbers: did `a` resist relearning better than `b`, and at
+    which dose. A difference of CHAIR_S after the attack is called one only beyond 2 standard errors of a
+    difference of two proportions over the evaluated captions; else "no clear difference"."""
+    if a not in results or b not in results or not results[a].get("relearn") or not results[b].get("relearn"):
+        return ""
+    n_captions = results[a]["none"].get("captions") or 0
+    if not n_captions:
+        return ""
+    better, worse, tied = [], [], []
+    for n in sorted(set(results[a]["relearn"]) & set(results[b]["relearn"]), key=int):
+        pa, pb = results[a]["relearn"][n]["CHAIR_S"], results[b]["relearn"][n]["CHAIR_S"]
+        two_se = 2 * _difference_se(pa, pb, n_captions)
+        cell = f"n = {n}: {100 * pa:.1f} vs {100 * pb:.1f} %"
+        (better if pb - pa > two_se else worse if pa - pb > two_se else tied).append(cell)
+    start = (f"In this run ({a} {100 * results[a]['none']['CHAIR_S']:.1f} %, {b} {100 * results[b]['none']['CHAIR_S']:.1f} % "
+             f"CHAIR_S before the attack, {n_captions} captions each), ")
+    parts = []
+    if better:
+        parts.append(f"{a} resisted relearning better than {b} at " + "; ".join(better))
+    if worse:
+        parts.append(f"{a} resisted it worse at " + "; ".join(worse))
+    if tied:
+        parts.append("there is no clear difference (within 2 standard errors of a difference of two proportions) at "
+                     + "; ".join(tied))
+    return start + ", and ".join(parts) + " (CHAIR_S after relearning)."
+
+
+def seed_averaged_finding() -> str:
+    """The toy world's seed-averaged finding (written by `python -m sare_ds.toy.study`), if shipped."""
+    path = Path(__file__).resolve().parents[1] / "resources" / "toy_world_finding.txt"
+    return path.read_text().strip() if path.is_file() else ""
 
 
 def plot_relearn_curve(results: dict[str, dict], path: str | Path) -> Path:

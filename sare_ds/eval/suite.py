@@ -55,6 +55,14 @@ class AttackConfig:
     """Radii on the probe's grid (odd: rho is on it)."""
     probe_random: int = 4
     """Random directions of the probe."""
+    dose_sizes: list = field(default_factory=list)
+    """Relearning as a dose-response: set sizes n of the grid (empty: no grid). Each dose (n, lr) relearns a fresh
+    copy for one epoch of n samples and scores CHAIR_S / CHAIR_I / recall and L_neg on held-out neg samples."""
+    dose_lrs: list = field(default_factory=list)
+    """Learning rates of the dose grid (with dose_sizes; AdamW, one epoch of batch_size)."""
+    heldout_samples: int = 32
+    """Neg samples never used for relearning (the ones after the largest set) on which L_neg is measured after
+    each dose (0: not measured)."""
     pope_unattacked: bool = True
     """Also run POPE on each unattacked model (attacked models are scored with CHAIR only)."""
     seed: int = 0
@@ -64,7 +72,8 @@ class AttackConfig:
 def _caption_summary(adapter, data: EvalData, eval_cfg: EvalConfig) -> dict:
     records, speed = generate_captions(adapter, data, eval_cfg)
     m = caption_metrics(records, data)
-    return {"chair_mode": m["chair_mode"], "CHAIR_S": m["CHAIR_S"], "CHAIR_I": m["CHAIR_I"], "recall": m["recall"], "BLEU-1": m["BLEU-1"],
+    return {"chair_mode": m["chair_mode"], "captions": len(records), "CHAIR_S": m["CHAIR_S"], "CHAIR_I": m["CHAIR_I"],
+            "recall": m["recall"], "BLEU-1": m["BLEU-1"],
             "BLEU-4": m["BLEU-4"], "length": m["mean_length_words"], "tokens_per_s": speed["tokens_per_s"],
             "examples": [r["caption"] for r in records[:3]]}
 
@@ -96,6 +105,22 @@ def attack_method(load, data: EvalData, eval_cfg: EvalConfig, cfg: AttackConfig,
         train = fine_tune_attack(adapter, samples[:n], trainable=cfg.relearn_trainable, lr=cfg.relearn_lr,
                                  steps=cfg.relearn_steps, batch_size=cfg.batch_size, seed=cfg.seed)
         out["relearn"][str(n)] = {**_caption_summary(adapter, data, eval_cfg), "train": train}
+    heldout = samples[max([*cfg.relearn_sizes, *cfg.dose_sizes, 0]):][:cfg.heldout_samples]
+    if heldout and cfg.dose_sizes:
+        out["none"]["L_neg_heldout"] = heldout_neg_loss(adapter, heldout)
+    if cfg.dose_sizes:
+        out["dose"] = {}
+        for lr in cfg.dose_lrs:
+            for n in cfg.dose_sizes:
+                adapter = None
+                _free_memory()
+                adapter = load()
+                train = fine_tune_attack(adapter, samples[:n], trainable=cfg.relearn_trainable, lr=lr,
+                                         steps=0, batch_size=cfg.batch_size, seed=cfg.seed)
+                row = {**_caption_summary(adapter, data, eval_cfg), "n": n, "lr": lr, "steps": train["steps"]}
+                if heldout:
+                    row["L_neg_heldout"] = heldout_neg_loss(adapter, heldout)
+                out["dose"][f"{n}@{lr:g}"] = row
     if cfg.lora:
         adapter = None
         _free_memory()
@@ -105,6 +130,25 @@ def attack_method(load, data: EvalData, eval_cfg: EvalConfig, cfg: AttackConfig,
                                  batch_size=cfg.batch_size, seed=cfg.seed, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
         out["lora"] = {**_caption_summary(adapter, data, eval_cfg), "train": train}
     return out
+
+
+@torch.no_grad()
+def heldout_neg_loss(adapter, samples: list, batch_size: int = 16) -> float:
+    """L_neg = - the mean span NLL of held-out hallucinated samples, the loss SARE and EFUF minimise (lower: the
+    hallucinations are less likely; relearning raises it)."""
+    from sare_ds.data.tokenize import collate, tokenize_sample
+    from sare_ds.eval.probe import _neg_loss
+
+    params = next(adapter.model.parameters())
+    pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else adapter.tokenizer.eos_token_id
+    items = [tokenize_sample(s, adapter, 4096) for s in samples]
+    batches = [collate(items[i:i + batch_size], pad) for i in range(0, len(items), batch_size)]
+    was = adapter.model.training
+    adapter.model.eval()
+    try:
+        return float(_neg_loss(adapter, batches, params.device, params.dtype))
+    finally:
+        adapter.model.train(was)
 
 
 def _free_memory() -> None:
@@ -131,7 +175,12 @@ def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: Attack
     data = data.with_chair_mode(eval_cfg.chair_mode)
     if any(run is None for run in methods.values()) and base is None:
         raise ValueError("run_attack_suite: a method without a run folder is the base model; pass base=<checkpoint>")
-    needed = max([*cfg.relearn_sizes, cfg.probe_samples if cfg.probe else 0, 1])
+    needed = max([*cfg.relearn_sizes, *cfg.dose_sizes, cfg.probe_samples if cfg.probe else 0, 1])
+    if cfg.dose_sizes:
+        needed = max(needed, max([*cfg.relearn_sizes, *cfg.dose_sizes]) + cfg.heldout_samples)
+    if bool(cfg.dose_sizes) != bool(cfg.dose_lrs):
+        raise ValueError(f"AttackConfig: dose_sizes {cfg.dose_sizes} and dose_lrs {cfg.dose_lrs} make a grid together; "
+                         "give both (e.g. --dose-sizes 20,60,140 --dose-lrs 1e-4,1e-3) or neither")
     samples = load_neg_samples(cfg.data, needed, seed=cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
