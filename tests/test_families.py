@@ -30,7 +30,7 @@ from sare_ds.data.samples import Caption, Span
 from sare_ds.data.synthetic import caption_corpus
 from sare_ds.data.tokenize import tokenize_caption
 from sare_ds.models import adapter as adapter_module
-from sare_ds.models import load_mllm, select_trainable
+from sare_ds.models import load_mllm
 from sare_ds.models.tiny import DEFAULT_CORPUS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -196,6 +196,8 @@ def test_ci_pipeline_completes(ci_world):
     world = json.loads((out / "world.json").read_text())
     assert world["seed"] == 0 and world["seeds"]["eval_scenes"] == 200  # seeds are recorded
     assert "Report:" in proc.stdout and "relearn n=60" in proc.stdout
+    # The report says, from this run's numbers, whether SARE resisted relearning better than EFUF.
+    assert "In this run (SARE" in proc.stdout and "n = 60:" in proc.stdout
     manifest = json.loads((out / "curated" / "manifest.json").read_text())
     assert manifest["counts"]["neg"] >= 60 and manifest["counts"]["pos"] > 0  # enough for relearning n=60
     for m in ("efuf", "sare"):  # trained under ZeRO-3 on 2 ranks

@@ -192,13 +192,21 @@ class MLLMAdapter(ABC):
         """The transformers model class of the family (e.g. LlavaForConditionalGeneration)."""
 
     @classmethod
+    def check_config(cls, config, source: str, model_kwargs: dict) -> None:
+        """Refuse a checkpoint config this family cannot train (before any weight is read); raise with the
+        input, the rule and the fix. Called by load() and from_config()."""
+
+    @classmethod
     def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False,
              **model_kwargs) -> "MLLMAdapter":
         """Model + processor from a local directory or hub id; every model weight must be found."""
         import logging
 
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
+        if cls.check_config.__func__ is not MLLMAdapter.check_config.__func__:
+            cls.check_config(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code),
+                             f"model.name_or_path = {name_or_path!r}", model_kwargs)
         model, info = cls._model_class().from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
             # Mis-shaped weights are reported (and refused by check_loading_info, naming them), not raised
@@ -212,6 +220,7 @@ class MLLMAdapter(ABC):
     def from_config(cls, config, processor, dtype: torch.dtype, source: str, *, device=None,
                     **model_kwargs) -> "MLLMAdapter":
         """A randomly initialised model of `config` (device="meta": shapes only, no memory)."""
+        cls.check_config(config, f"model.name_or_path = {source!r}", model_kwargs)
         model_cls = cls._model_class()
         if device is not None and str(device) == "meta":
             with torch.device("meta"):
@@ -255,9 +264,12 @@ class MLLMAdapter(ABC):
         )
 
     @property
-    @abstractmethod
     def image_token_id(self) -> int:
-        """Token id of the image's positions in the model's input (what the model fills with image features)."""
+        """Token id of the image's positions in the model's input (what the model fills with image features):
+        the config's `image_token_id` (older configs: `image_token_index`)."""
+        cfg = self.model.config
+        value = getattr(cfg, "image_token_id", None)
+        return int(value if value is not None else cfg.image_token_index)
 
     @property
     def placeholder_token_id(self) -> int:

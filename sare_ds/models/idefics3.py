@@ -104,10 +104,6 @@ class Idefics3Adapter(MLLMAdapter):
 
         return Idefics3ForConditionalGeneration
 
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def generation_images(self, images: list) -> list[list]:
         """Images of a batch of one-image prompts as the processor must get them: one list per prompt.
         (SmolVLMProcessor reads a flat list as ONE prompt with all the images and refuses a batch of

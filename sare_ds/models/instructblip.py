@@ -111,26 +111,9 @@ class InstructBlipAdapter(MLLMAdapter):
 
         return InstructBlipForConditionalGeneration
 
-    # -- loading: refuse encoder-decoder LLMs before any weight is read ---------------------
     @classmethod
-    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False,
-             **model_kwargs) -> "MLLMAdapter":
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        check_decoder_only(config, f"model.name_or_path = {name_or_path!r}")
-        return super().load(name_or_path, dtype, trust_remote_code, **model_kwargs)
-
-    @classmethod
-    def from_config(cls, config, processor, dtype: torch.dtype, source: str, *, device=None,
-                    **model_kwargs) -> "MLLMAdapter":
-        check_decoder_only(config, f"model.name_or_path = {source!r}")
-        return super().from_config(config, processor, dtype, source, device=device, **model_kwargs)
-
-    @property
-    def image_token_id(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+    def check_config(cls, config, source: str, model_kwargs: dict) -> None:
+        check_decoder_only(config, source)  # encoder-decoder (FlanT5) LLMs refused before any weight is read
 
     @property
     def placeholder_text(self) -> str:

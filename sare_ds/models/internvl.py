@@ -97,10 +97,6 @@ class InternVLAdapter(MLLMAdapter):
                     "tokenizer saved with this checkpoint (or correct image_token_id in config.json).")
 
     @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
     def placeholder_token_id(self) -> int:
         # What the chat template renders and the processor expands: the tokenizer's context image token
         # (the model's image token); `<img>`/`</img>` around the expansion come from the processor.

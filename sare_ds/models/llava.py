@@ -22,11 +22,6 @@ class LlavaAdapter(MLLMAdapter):
 
         return LlavaForConditionalGeneration
 
-    @property
-    def image_token_id(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
-
     @classmethod
     def build_tiny(cls, out_dir, *, seed: int = 0, corpus: list[str] | None = None):
         from sare_ds.models.tiny import build_tiny_llava

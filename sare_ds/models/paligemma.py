@@ -94,24 +94,8 @@ class PaliGemmaAdapter(MLLMAdapter):
         return PaliGemmaForConditionalGeneration
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False,
-             **model_kwargs) -> "MLLMAdapter":
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        check_attention(config, model_kwargs.get("attn_implementation"), f"model.name_or_path = {name_or_path!r}")
-        return super().load(name_or_path, dtype, trust_remote_code, **model_kwargs)
-
-    @classmethod
-    def from_config(cls, config, processor, dtype: torch.dtype, source: str, *, device=None,
-                    **model_kwargs) -> "MLLMAdapter":
-        check_attention(config, model_kwargs.get("attn_implementation"), f"model.name_or_path = {source!r}")
-        return super().from_config(config, processor, dtype, source, device=device, **model_kwargs)
-
-    @property
-    def image_token_id(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+    def check_config(cls, config, source: str, model_kwargs: dict) -> None:
+        check_attention(config, model_kwargs.get("attn_implementation"), source)
 
     @property
     def placeholder_text(self) -> str:

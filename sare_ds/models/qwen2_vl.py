@@ -103,10 +103,6 @@ class Qwen2VLAdapter(MLLMAdapter):
 
         return Qwen2VLForConditionalGeneration
 
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def _vision_config(self):
         return self.model.config.vision_config
 

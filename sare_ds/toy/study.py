@@ -304,7 +304,7 @@ def aggregate(roots: list[str], out: str, bench: str | None = None) -> dict:
     plot(studies, t, Path(f"{out}.png"))
     Path(f"{out}.json").write_text(json.dumps({"seeds": [s["seed"] for s in studies], "table": t,
                                                "separating_doses": separating_doses(t)}, indent=1))
-    FINDING.write_text(finding(studies, t) + f" (docs/toy_world.md; `bash launch/toy_study.sh`)\n")
+    FINDING.write_text(finding(studies, t) + " (docs/toy_world.md; `bash launch/toy_study.sh`)\n")
     return t
 
 
