@@ -92,6 +92,7 @@ TABLE_MODELS = (
     ("LLaVA-OneVision-7B", "preset:llava-onevision-7b", 3584),
     ("Idefics3-8B", "preset:idefics3-8b", 3072),
     ("InternVL3-8B", "preset:internvl3-8b", 4096),
+    ("PaliGemma2-10B-448", "preset:paligemma2-10b-448", 1536),
 )
 TABLE_GPUS = (1, 8, 16)
 TABLE_MEMORY_GIB = (40, 80)
@@ -1744,6 +1745,7 @@ RECIPES = {  # table row -> the recipe that describes its run (written by the re
     "preset:llava-onevision-7b": "launch/configs/onevision_7b_sare.yaml",
     "preset:idefics3-8b": "launch/configs/idefics3_8b_sare.yaml",
     "preset:internvl3-8b": "launch/configs/internvl3_8b_sare.yaml",
+    "preset:paligemma2-10b-448": "launch/configs/paligemma2_10b_sare.yaml",
 }
 
 

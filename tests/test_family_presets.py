@@ -2,8 +2,12 @@
 
 The expected mapping-layer counts are computed by hand from the published widths (not read back
 from the model); the totals are the meta build's exact counts, checked against the sizes the
-checkpoints publish (8.29B, 8.03B, 8.46B, 7.94B). Image positions are those of one 640 x 480
-image (plan.py's default) through the preset's processor with the checkpoint's preprocessing.
+checkpoints publish (8.29B, 8.03B, 8.46B, 7.94B; InstructBLIP-Vicuna-7B 7.91B, PaliGemma 2 10B 9.66B).
+Image positions are those of one 640 x 480 image (plan.py's default) through the preset's processor with
+the checkpoint's preprocessing.
+
+PaliGemma 2 is built with model.attn_implementation=eager (the documented way: its adapter refuses the
+default sdpa, which cannot soft-cap Gemma-2's attention logits); a preset does not carry the attention kernel.
 """
 from __future__ import annotations
 
@@ -42,7 +46,33 @@ EXPECTED = {
     # 256 tokens each, between <img> and </img>.
     "internvl3-8b": ("internvl", 7_944_373_760, 7.94, 2 * 4096 + linear(4096, 3584) + linear(3584, 3584),
                      151667, 2 + 13 * 256, 13 * 256),
+    # qformer (qformer_hand below) + query_tokens 32 x 768 + language_projection Linear(768 -> 4096); the 32 query
+    # outputs are the image positions whatever the image (224 px, bicubic, no tiling), in front of BOS.
+    "instructblip-vicuna-7b": ("instructblip", 7_913_218_816, 7.91, None, 32001, 32, 32),
+    # projector: Linear(1152 -> 3584); every image is resized to 448 px: (448 / 14)^2 = 1,024 tokens (no CLS).
+    "paligemma2-10b-448": ("paligemma", 9_663_523_568, 9.66, linear(1152, 3584), 257152, 1024, 1024),
 }
+ATTN = {"paligemma2-10b-448": "eager"}  # Gemma-2: sdpa is refused by the adapter
+TIED = {"paligemma2-10b-448"}           # PaliGemma ties the LM head to the input embedding
+
+
+def qformer_hand(vocab=30523, positions=512, hidden=768, layers=12, intermediate=3072, vision=1408,
+                 cross_every=2) -> int:
+    """InstructBLIP's Q-Former from its published widths: BERT embeddings (words, positions, LayerNorm); per
+    layer self-attention (q, k, v, output + LayerNorm), two feed-forwards (the text's and the queries' own,
+    each up + down + LayerNorm), and on every `cross_every`-th layer cross-attention whose keys and values read
+    the vision width."""
+    ln = 2 * hidden
+    embeddings = vocab * hidden + positions * hidden + ln
+    self_attention = 4 * linear(hidden, hidden) + ln
+    feed_forward = linear(hidden, intermediate) + linear(intermediate, hidden) + ln
+    cross = 2 * linear(hidden, hidden) + 2 * linear(vision, hidden) + ln
+    n_cross = len(range(0, layers, cross_every))
+    return embeddings + layers * (self_attention + 2 * feed_forward) + n_cross * cross
+
+
+EXPECTED["instructblip-vicuna-7b"] = EXPECTED["instructblip-vicuna-7b"][:3] + (
+    qformer_hand() + 32 * 768 + linear(768, 4096),) + EXPECTED["instructblip-vicuna-7b"][4:]
 CAPTION_100_WORDS = (
     "The image shows a busy city street with a red bus driving past a row of tall buildings. Several people are "
     "walking on the sidewalk, some carrying umbrellas and shopping bags. A man in a blue jacket is riding a bicycle "
@@ -58,7 +88,8 @@ def needs_adapter(model_type: str):
 
 @functools.lru_cache(maxsize=None)
 def meta_adapter(name: str):
-    return load_mllm(ModelConfig(name_or_path=f"preset:{name}", dtype="bfloat16"), device="meta")
+    return load_mllm(ModelConfig(name_or_path=f"preset:{name}", dtype="bfloat16",
+                                 attn_implementation=ATTN.get(name, "sdpa")), device="meta")
 
 
 def test_hand_counts():
@@ -66,6 +97,9 @@ def test_hand_counts():
     assert EXPECTED["llava-onevision-7b"][3] == 16_984_576
     assert EXPECTED["idefics3-8b"][3] == 18_874_368
     assert EXPECTED["internvl3-8b"][3] == 27_540_480
+    assert qformer_hand() == 185_660_160
+    assert EXPECTED["instructblip-vicuna-7b"][3] == 188_834_560  # the ~188.8M of the Q-Former setup
+    assert EXPECTED["paligemma2-10b-448"][3] == 4_132_352
 
 
 def test_family_presets_are_listed_with_sources():
@@ -91,7 +125,12 @@ def test_published_config_values(name):
         if key not in ("architectures", "model_type"):
             assert getattr(cfg.vision_config, key) == value, key
     assert cfg.model_type == presets.PRESETS[name].model_type
-    assert not cfg.tie_word_embeddings
+    assert bool(cfg.tie_word_embeddings) == (name in TIED)
+    if "qformer_config" in published:
+        for key, value in published["qformer_config"].items():
+            if key not in ("architectures", "model_type"):
+                assert getattr(cfg.qformer_config, key) == value, key
+        assert cfg.num_query_tokens == published["num_query_tokens"] == 32
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -107,7 +146,15 @@ def test_stand_in_tokenizer_layout(name):
     # Every id the model can see is inside its embedding (InternVL's <video> placeholder is the one above).
     beyond = [t for t, i in tok.get_vocab().items() if i >= vocab]
     assert beyond == (["<video>"] if name == "internvl3-8b" else [])
-    assert processor.image_token_id == image_id
+    # InstructBLIP's processor names the token only (it registers `<image>` itself, as with the checkpoint's).
+    image_token = getattr(processor.image_token, "content", processor.image_token)
+    assert getattr(processor, "image_token_id", image_id) == tok.convert_tokens_to_ids(image_token) == image_id
+    if name == "instructblip-vicuna-7b":  # bert-base-uncased's layout and InstructBLIP's [DEC] at 30522
+        q = processor.qformer_tokenizer
+        assert q.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]) == \
+            [0, 100, 101, 102, 103, 30522]
+        assert len(q) == cfg.qformer_config.vocab_size == 30523
+        assert q("A dog sitting next to a red bus", add_special_tokens=False)["input_ids"] and tok.bos_token == "</s>"
     # Ordinary English is tokenised by the stand-in BPE (no byte soup, no filler piece).
     words = tok("a dog sitting next to a red bus", add_special_tokens=False)["input_ids"]
     assert len(words) == 8 and max(words) < 32_000
@@ -123,6 +170,9 @@ def test_preset_on_meta_through_the_model_layer(name):
     assert all(p.device.type == "meta" for p in params)  # nothing was allocated
     n_total = sum(p.numel() for p in params)
     assert n_total == total and round(n_total / 1e9, 2) == billions
+    published = presets.PRESETS[name].data.get("published_params")
+    if published:
+        assert abs(n_total - published) <= 0.01 * published
     select_trainable(adapter, ModelConfig(name_or_path=f"preset:{name}"))
     assert sum(p.numel() for p in params if p.requires_grad) == mapping
     assert adapter.image_token_id == image_id
@@ -171,3 +221,49 @@ def test_reduced_preset_trains_a_forward():
     out = adapter.model(**adapter.forward_inputs(batch), logits_to_keep=1, output_hidden_states=True)
     assert out.hidden_states[-1].shape == (1, len(e.ids), 64)
     assert out.logits.shape == (1, 1, 152064)
+
+
+@pytest.mark.parametrize("name", ["instructblip-vicuna-7b", "paligemma2-10b-448"])
+def test_reduced_qformer_and_gemma2_presets_run_a_forward(name):
+    """The reduced aliases of the two presets without a chat template: one forward with real tensors through the
+    family's own expansion (InstructBLIP: 32 query positions before BOS, the Q-Former reading the prompt;
+    PaliGemma 2: 1,024 image positions, the prefix-LM token types)."""
+    needs_adapter(presets.PRESETS[name].model_type)
+    adapter = load_mllm(ModelConfig(name_or_path=f"preset:{name}-reduced", attn_implementation=ATTN.get(name, "sdpa")))
+    image = Image.new("RGB", (64, 48), (90, 120, 150))
+    text = adapter.render(adapter.conversation("Describe.", "A dog."), add_generation_prompt=False)
+    ids = adapter.tokenizer(text, add_special_tokens=adapter.add_special_tokens(text))["input_ids"]
+    e = adapter.expand_image(text, ids, image, "Describe.")
+    image_positions = EXPECTED[name][5]
+    assert e.length == image_positions and e.ids.count(adapter.image_token_id) == image_positions
+    batch = {"input_ids": torch.tensor([e.ids]), "attention_mask": torch.ones(1, len(e.ids), dtype=torch.long),
+             **e.tensors}
+    response = len(e.ids) - len(adapter.tokenizer("A dog.", add_special_tokens=False)["input_ids"])
+    for key, values in adapter.token_tensors(e.ids, response).items():
+        batch[key] = torch.tensor([values])
+    out = adapter.model(**adapter.forward_inputs(batch))
+    vocab = adapter.model.config.get_text_config().vocab_size
+    assert out.logits.shape == (1, len(e.ids), vocab) and torch.isfinite(out.logits).all()
+    if name == "instructblip-vicuna-7b":
+        assert adapter.model.config.qformer_config.num_hidden_layers == 2
+        assert adapter.model.config.qformer_config.encoder_hidden_size == 64  # follows the reduced vision width
+
+
+def test_paligemma2_preset_needs_eager_attention():
+    """The documented way to build PaliGemma 2: model.attn_implementation=eager (and model.lm_head_chunks=0 to
+    train); the default sdpa is refused before anything is built, naming the fix."""
+    from sare_ds.models.paligemma import UnsupportedAttentionError
+
+    with pytest.raises(UnsupportedAttentionError, match="attn_implementation=eager"):
+        load_mllm(ModelConfig(name_or_path="preset:paligemma2-10b-448"), device="meta")
+    text = presets.hf_config("preset:paligemma2-10b-448").text_config
+    assert (text.head_dim, text.query_pre_attn_scalar, text.final_logit_softcapping) == (256, 256, 30.0)
+    reduced = presets.hf_config("preset:paligemma2-10b-448-reduced")
+    assert reduced.text_config.head_dim == 16 and reduced.vision_config.projection_dim == 64
+
+
+def test_qformer_overrides_only_where_there_is_a_qformer():
+    with pytest.raises(presets.PresetError, match="Q-Former"):
+        presets.hf_config("preset:qwen2.5-vl-7b,qformer_layers=2")
+    cfg = presets.hf_config("preset:instructblip-vicuna-7b,qformer_layers=4,vision_hidden=64,vision_heads=2")
+    assert (cfg.qformer_config.num_hidden_layers, cfg.qformer_config.encoder_hidden_size) == (4, 64)

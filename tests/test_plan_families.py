@@ -1,5 +1,5 @@
 """The memory plan (sare_ds/plan.py) on the other families' 7B-class presets: Qwen2.5-VL, LLaVA-OneVision,
-Idefics3 and InternVL3, built on the meta device (no memory), and its activation formula against a
+Idefics3, InternVL3 and PaliGemma 2, built on the meta device (no memory), and its activation formula against a
 measured forward + backward of their reduced presets through the training loss path."""
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ EXPECTED = {
     "llava-onevision-7b": (8_030_807_584, 16_984_576, 2929, 5, 3584, "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
     "idefics3-8b": (8_462_086_384, 18_874_368, 2330, 13, 3072, "HuggingFaceM4/Idefics3-8B-Llama3"),
     "internvl3-8b": (7_944_373_760, 27_540_480, 3330, 13, 4096, "OpenGVLab/InternVL3-8B-hf"),
+    # every image resized to 448 px: 1,024 SigLIP tokens (no CLS); built with attn_implementation=eager.
+    "paligemma2-10b-448": (9_663_523_568, 4_132_352, 1024, 1, 1536, "google/paligemma2-10b-pt-448"),
 }
+ATTN = {"paligemma2-10b-448": "eager"}  # Gemma-2: the adapter refuses sdpa
 
 
 def needs_adapter(name: str):
@@ -32,7 +35,8 @@ def needs_adapter(name: str):
 @functools.lru_cache(maxsize=None)
 def meta(name: str):
     """(adapter, summary) of a preset on the meta device, its trainable set chosen as training does."""
-    cfg = ModelConfig(name_or_path=f"preset:{name}", dtype="bfloat16", trainable="mapping")
+    cfg = ModelConfig(name_or_path=f"preset:{name}", dtype="bfloat16", trainable="mapping",
+                      attn_implementation=ATTN.get(name, "sdpa"))
     adapter = load_mllm(cfg, device="meta")
     select_trainable(adapter, cfg)
     return adapter, plan.summarize_adapter(adapter, dtype="bfloat16", source=cfg.name_or_path)

@@ -37,6 +37,17 @@ model's vocabulary size except InternVL's `<video>` placeholder (151674, as the 
 needs a video token; it never reaches the model, the processor replaces it). The overrides apply to
 them as well, mapped to each family's field names (Qwen2.5-VL's vision `depth` / `num_heads`; its
 merger output follows the LLM width and its M-RoPE sections the head size).
+
+preset:instructblip-vicuna-7b and preset:paligemma2-10b-448 have no chat template (their adapters build the
+sequence). Their stand-ins put the checkpoint's leading special tokens at ids 0.. (`leading_specials`: Vicuna's
+<unk> <s> </s>, Gemma's <pad> <eos> <bos> <unk>) and the BPE pieces after them; InstructBLIP's [PAD] / <image>
+are at 32000 / 32001, PaliGemma's <locNNNN> / <segNNN> from 256000 and <image> at 257152. InstructBLIP's
+Q-Former reads the prompt through a bert-base-uncased-layout WordPiece stand-in (`build_qformer_tokenizer`,
+[DEC] at 30522), and its `-reduced` alias also shrinks the Q-Former (`qformer_*` overrides; the Q-Former's
+cross-attention width follows the vision width). PaliGemma 2 must be built with
+model.attn_implementation=eager (its adapter refuses sdpa; a preset does not carry the attention kernel):
+`load_mllm(ModelConfig(name_or_path="preset:paligemma2-10b-448", attn_implementation="eager"), device="meta")`;
+training it also needs model.lm_head_chunks=0 (launch/configs/paligemma2_10b_sare.yaml sets both).
 """
 from __future__ import annotations
 
@@ -163,6 +174,10 @@ REDUCED = "text_layers=2,vision_layers=2,text_hidden=64,text_intermediate=128,te
 ALIASES = {"llava-1.5-7b-reduced": f"llava-1.5-7b,{REDUCED}"}
 # The other families' presets at the same reduced size (their image processing, vocabulary and template kept).
 ALIASES.update({f"{name}-reduced": f"{name},{REDUCED}" for name, p in PRESETS.items() if isinstance(p, FamilyPreset)})
+# ... and the Q-Former of InstructBLIP at the same size (its 12 BERT-base layers would dwarf the reduced rest).
+REDUCED_QFORMER = "qformer_layers=2,qformer_hidden=64,qformer_intermediate=128,qformer_heads=2"
+ALIASES.update({f"{name}-reduced": f"{name},{REDUCED},{REDUCED_QFORMER}" for name, p in PRESETS.items()
+                if isinstance(p, FamilyPreset) and "qformer_config" in p.data["config"]})
 
 # Override keys -> (sub-config, field).
 OVERRIDES = {
@@ -175,6 +190,11 @@ OVERRIDES = {
     "vision_hidden": ("vision", "hidden_size"),
     "vision_intermediate": ("vision", "intermediate_size"),
     "vision_heads": ("vision", "num_attention_heads"),
+    # InstructBLIP's Q-Former (qformer_config; refused for a preset without one)
+    "qformer_layers": ("qformer", "num_hidden_layers"),
+    "qformer_hidden": ("qformer", "hidden_size"),
+    "qformer_intermediate": ("qformer", "intermediate_size"),
+    "qformer_heads": ("qformer", "num_attention_heads"),
 }
 
 
@@ -363,12 +383,23 @@ def _family_config(spec: str, preset: FamilyPreset, overrides: dict[str, int]):
     raw = preset.data["config"]
     text = raw.get("text_config", raw)  # Qwen2.5-VL's config.json is flat: the LLM's fields at the top
     vision = raw["vision_config"]
+    qformer = raw.get("qformer_config")  # InstructBLIP
     for key, value in overrides.items():
         where, name = OVERRIDES[key]
         if where == "text":
             text[name] = value
-        else:
+        elif where == "vision":
             vision[_vision_field(vision, name)] = value
+        elif qformer is None:
+            raise PresetError(f"model.name_or_path = {spec!r}: override `{key}` applies to a Q-Former, which preset "
+                              f"{preset.name} ({preset.model_type}) does not have; fix: drop it")
+        else:
+            qformer[name] = value
+    if qformer is not None:
+        if qformer["hidden_size"] % qformer["num_attention_heads"]:
+            raise PresetError(f"model.name_or_path = {spec!r}: Q-Former hidden size {qformer['hidden_size']} is not a "
+                              f"multiple of its {qformer['num_attention_heads']} heads; fix the overrides")
+        qformer["encoder_hidden_size"] = vision["hidden_size"]  # its cross-attention reads the vision tower
     heads = text["num_attention_heads"]
     if text["hidden_size"] % heads:
         raise PresetError(f"model.name_or_path = {spec!r}: text hidden size {text['hidden_size']} is not a multiple "
@@ -380,9 +411,18 @@ def _family_config(spec: str, preset: FamilyPreset, overrides: dict[str, int]):
     if vision["hidden_size"] % v_heads:
         raise PresetError(f"model.name_or_path = {spec!r}: vision hidden size {vision['hidden_size']} is not a "
                           f"multiple of its {v_heads} heads; fix the overrides")
-    head_dim = text["hidden_size"] // heads
-    if "head_dim" in text:
-        text["head_dim"] = head_dim
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    resized = any(OVERRIDES[k][0] == "text" and OVERRIDES[k][1] in ("hidden_size", "num_attention_heads")
+                  for k in overrides)
+    if resized:  # a published head_dim (Gemma-2 9B's 256 with 3,584 / 16 = 224) holds at the published width only
+        head_dim = text["hidden_size"] // heads
+        if "head_dim" in text:
+            text["head_dim"] = head_dim
+        if "query_pre_attn_scalar" in text:  # Gemma-2 scales the scores by 1/sqrt(head_dim)
+            text["query_pre_attn_scalar"] = head_dim
+    if "projection_dim" in vision:  # PaliGemma: the projector maps the vision width into the LLM's
+        vision["projection_dim"] = text["hidden_size"]
+        raw["projection_dim"] = text["hidden_size"]
     if "out_hidden_size" in vision:  # Qwen2.5-VL: the merger projects into the LLM's width
         vision["out_hidden_size"] = text["hidden_size"]
     if "fullatt_block_indexes" in vision:  # full-attention blocks beyond a reduced depth do not exist
@@ -405,6 +445,22 @@ def _filled_vocab(base: dict, size: int) -> dict:
     for i in range(len(vocab), size):
         vocab[f"<|sare_unused_{i}|>"] = i
     return vocab
+
+
+def _shifted_vocab(vocab: dict, merges: list, leading: list[str], first: int) -> tuple[dict, list]:
+    """`leading` at ids 0.., the base BPE's pieces after them; the last merges (and the pieces they make) are
+    dropped when the pieces would otherwise reach id `first`."""
+    lead = len(leading)
+    drop = max(0, len(vocab) + lead - first)
+    if drop:
+        kept = len(vocab) - drop
+        removed = {piece for piece, i in vocab.items() if i >= kept}
+        made = {"".join(m if isinstance(m, list) else m.split(" ")) for m in merges[-drop:]}
+        if removed != made:  # a BPE trainer's vocabulary is its alphabet, then each merge's piece in order
+            raise AssertionError("the base tokenizer's last pieces are not its last merges' pieces")
+        vocab = {piece: i for piece, i in vocab.items() if i < kept}
+        merges = merges[:-drop]
+    return {**{t: i for i, t in enumerate(leading)}, **{piece: i + lead for piece, i in vocab.items()}}, merges
 
 
 BYTE_LEVEL_FORMAT = 1  # bump when the construction below changes (part of the cache key)
@@ -448,14 +504,20 @@ def build_family_tokenizer(preset: FamilyPreset):
 
     spec = preset.data["tokenizer"]
     first, specials = spec["first_special_id"], spec["specials"]
+    leading = spec.get("leading_specials", [])
     key = hashlib.sha256(json.dumps([BYTE_LEVEL_FORMAT, spec], sort_keys=True).encode()).hexdigest()[:12]
     cached = cache_root() / "presets" / f"{preset.name}-tokenizer-{key}.json"
     if cached.is_file():
         tok = Tokenizer.from_file(str(cached))
     else:
         raw = json.loads(_byte_level_base().read_text())
+        if leading:  # Llama / Gemma layouts: <unk> <s> </s> or <pad> <eos> <bos> <unk> first, the pieces after
+            raw["model"]["vocab"], raw["model"]["merges"] = _shifted_vocab(
+                raw["model"]["vocab"], raw["model"]["merges"], leading, first)
         raw["model"]["vocab"] = _filled_vocab(raw["model"]["vocab"], first)
         tok = Tokenizer.from_str(json.dumps(raw))
+        if leading:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in leading])
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         if spec["add_bos"]:
             bos = spec["bos"]
@@ -468,6 +530,8 @@ def build_family_tokenizer(preset: FamilyPreset):
     ids = [tok.token_to_id(t) for t in specials]
     if ids != list(range(first, first + len(specials))):
         raise AssertionError(f"preset {preset.name}: special tokens landed at {ids[:3]}..., not from {first}")
+    if [tok.token_to_id(t) for t in leading] != list(range(len(leading))):
+        raise AssertionError(f"preset {preset.name}: the leading special tokens {leading} are not at ids 0..")
     named = {"bos_token": spec["bos"], "eos_token": spec["eos"], "pad_token": spec["pad"]}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in named.items() if v is not None},
                                    extra_special_tokens=dict(spec["extra_special_tokens"]),
@@ -475,6 +539,58 @@ def build_family_tokenizer(preset: FamilyPreset):
     fast.add_bos_token = bool(spec["add_bos"])
     fast.chat_template = preset.data["chat_template"]
     return fast
+
+
+WORDPIECE_FORMAT = 1  # bump when the construction below changes (part of the cache key)
+
+
+def build_qformer_tokenizer(spec: dict):
+    """InstructBLIP's Q-Former tokenizer stand-in: bert-base-uncased's layout ([PAD] 0, [unused0..98],
+    [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, [unused99..] up to the first word piece at 999), a
+    lower-casing WordPiece trained here on the same English words, unused fillers up to BERT's 30,522
+    entries, then the `[DEC]` BOS token InstructBLIP adds (30522); cached."""
+    from transformers import BertTokenizer
+
+    size, first_piece = spec["vocab_size"], spec["first_piece_id"]
+    key = hashlib.sha256(json.dumps([WORDPIECE_FORMAT, spec], sort_keys=True).encode()).hexdigest()[:12]
+    cached = cache_root() / "presets" / f"qformer-wordpiece-{key}.json"
+    if not cached.is_file():
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+        wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+        wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+
+        def corpus():
+            for word, weight in _english_words():
+                yield " ".join([word.lower()] * weight)
+
+        wp.train_from_iterator(corpus(), trainers.WordPieceTrainer(
+            vocab_size=size - first_piece, special_tokens=["[UNK]"], show_progress=False))
+        at = {i: t for t, i in spec["specials"].items()}
+        ids, unused = {}, 0
+        for i in range(first_piece):  # the specials at their ids, [unusedN] around them
+            if i in at:
+                ids[at[i]] = i
+            else:
+                ids[f"[unused{unused}]"], unused = i, unused + 1
+        pieces = [t for t, _ in sorted(wp.get_vocab().items(), key=lambda x: x[1]) if t not in ids]
+        for t in pieces[: size - first_piece]:
+            ids[t] = len(ids)
+        while len(ids) < size:
+            ids[f"[unused_sare_{len(ids)}]"] = len(ids)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tmp-", suffix=".json")
+        os.close(fd)
+        Path(tmp).write_text(json.dumps(ids))
+        os.replace(tmp, cached)
+    vocab = json.loads(cached.read_text())
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=spec["model_max_length"],
+                        truncation_side=spec.get("truncation_side", "right"))
+    tok.add_special_tokens({"bos_token": spec["bos"]})
+    if tok.convert_tokens_to_ids(spec["bos"]) != size:
+        raise AssertionError(f"Q-Former tokenizer: {spec['bos']} landed at {tok.convert_tokens_to_ids(spec['bos'])}")
+    return tok
 
 
 def _family_processor(preset: FamilyPreset, config):
@@ -486,6 +602,8 @@ def _family_processor(preset: FamilyPreset, config):
     tok = build_family_tokenizer(preset)
     image_processor = getattr(transformers, spec["image_processor_cls"])(**spec["image_processor"])
     parts = dict(image_processor=image_processor, tokenizer=tok)
+    if data.get("qformer_tokenizer"):  # InstructBLIP: the instruction as the Q-Former reads it
+        parts["qformer_tokenizer"] = build_qformer_tokenizer(data["qformer_tokenizer"])
     if spec.get("video_processor_cls"):
         parts["video_processor"] = getattr(transformers, spec["video_processor_cls"])()
     return getattr(transformers, spec["cls"])(**parts, chat_template=data["chat_template"], **spec["kwargs"])
