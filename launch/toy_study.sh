@@ -5,7 +5,7 @@
 #   bash launch/toy_study.sh [--seeds "0 1 2 3 4"] [--parallel 2] [--bench FILE]
 #
 # Seed 0 uses the quickstart's world (runs/toy), seed N runs/toy-seedN: each is built on first use
-# (~2.5 min) and reused after. Per seed about 20 min on one core; --parallel seeds run at once
+# (~2.5 min) and reused after. Per seed about 8 min on one core; --parallel seeds run at once
 # (one torch thread each). --bench: a `python -m sare_ds.bench --json` file for the variants' cost
 # column (docs/performance.md has the command). Output: docs/toy_world_study.{md,png,json} and
 # sare_ds/resources/toy_world_finding.txt (the sentence the quickstart's report prints).

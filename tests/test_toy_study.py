@@ -1,6 +1,6 @@
 """The toy-world study's parts: the relearning dose grid, the report's verdict, the aggregation over seeds.
 
-The study itself (sare_ds/toy/study.py, `bash launch/toy_study.sh`) takes about an hour on 2 cores and is
+The study itself (sare_ds/toy/study.py, `bash launch/toy_study.sh`) takes about 20 minutes on 2 cores and is
 not run here; its pieces are, on the tiny model and on fabricated study files with known answers.
 """
 from __future__ import annotations

@@ -6,8 +6,9 @@
 
 Per seed (a world of its own: captioner, CLIP, scenes; `sare_ds.toy.world`, cached in the root):
 1. curation of the captioner's descriptions (launch/curate.py, as the quickstart does);
-2. training, single process with 2 micro-batches a step (the quickstart's 2-rank ZeRO-3 step, equal by the
-   tests in tests/test_zero.py): FT; EFUF and SARE at three unlearning strengths (lr 5e-4, 1e-3, 2e-3; the
+2. training, single process with 2 micro-batches a step (the quickstart's step of 2 ranks x 8 captions, which
+   tests/test_zero.py shows equal on the same data; here the captions come in the single reader's order, not
+   split between two ranks' shard readers, so a model differs from the quickstart's within the seed spread): FT; EFUF and SARE at three unlearning strengths (lr 5e-4, 1e-3, 2e-3; the
    quickstart's is 1e-3); SARE's variants at lr 1e-3: adaptive radius (ASAM, rho 0.5) and the ascent
    direction reused for 2 and 4 steps (method.ascent_every);
 3. for the base and every trained model: CHAIR_S / CHAIR_I / recall on the 200 held-out scenes, L_neg on
