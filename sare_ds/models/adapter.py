@@ -274,7 +274,8 @@ class MLLMAdapter(ABC):
     @property
     def placeholder_token_id(self) -> int:
         """Token id of the image placeholder in the rendered conversation, before the processor expands it
-        (the image token itself for most families; InternVL renders `<image>` and fills `<IMG_CONTEXT>`)."""
+        (the image token itself for every family here: InternVL's template renders `<IMG_CONTEXT>`, which its
+        processor wraps in `<img>` ... `</img>`; a family whose template renders another token overrides it)."""
         return self.image_token_id
 
     @property
