@@ -80,7 +80,9 @@ def main() -> None:
     else:
         pope = packaged_pope_files() if a.pope == ["packaged"] else dict(p.split("=", 1) for p in a.pope)
         data = EvalData.from_paths(a.instances, a.captions, a.image_dir, pope, images=images, chair_mode=chair_mode)
-    run_attack_suite(methods, data, cfgs["attack"], eval_cfg=cfgs["eval"], out_dir=a.out, base=a.base)
+    # A scene eval set is the toy world's: its report also prints the study's seed-averaged finding.
+    run_attack_suite(methods, data, cfgs["attack"], eval_cfg=cfgs["eval"], out_dir=a.out, base=a.base,
+                     toy_world=bool(a.scenes))
     if rank_and_world()[0] == 0:  # only rank 0 wrote the report
         print((Path(a.out) / "report.md").read_text())
 

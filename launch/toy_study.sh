@@ -38,5 +38,5 @@ done
 FAILED=0
 for job in $(jobs -p); do wait "$job" || FAILED=1; done
 [ "$FAILED" = 0 ] || { echo "toy_study.sh: a seed failed; see runs/study-logs/" >&2; exit 1; }
-"$PY" -m sare_ds.toy.study aggregate "${ROOTS[@]}" --out docs/toy_world_study ${BENCH:+--bench "$BENCH"}
+"$PY" -m sare_ds.toy.study aggregate "${ROOTS[@]}" --out docs/toy_world_study --finding ${BENCH:+--bench "$BENCH"}
 echo "docs/toy_world_study.md, docs/toy_world_study.png, sare_ds/resources/toy_world_finding.txt"

@@ -160,7 +160,7 @@ def test_attack_cli_method_without_name_is_that_run(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_suite(methods, data, cfg, *, eval_cfg, out_dir, base):
+    def fake_suite(methods, data, cfg, *, eval_cfg, out_dir, base, toy_world=False):
         seen.update(methods)
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "report.md").write_text("report")

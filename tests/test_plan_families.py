@@ -28,8 +28,8 @@ ATTN = {"paligemma2-10b-448": "eager"}  # Gemma-2: the adapter refuses sdpa
 
 
 def needs_adapter(name: str):
-    if presets.PRESETS[name].model_type not in adapter_module._REGISTRY:
-        pytest.skip(f"no adapter registered for {presets.PRESETS[name].model_type}")
+    model_type = presets.PRESETS[name].model_type
+    assert model_type in adapter_module._REGISTRY, f"no adapter registered for {model_type}"
 
 
 @functools.lru_cache(maxsize=None)

@@ -53,11 +53,14 @@ def test_dose_grid_relearns_a_fresh_copy_per_dose(tiny_model_dir, tmp_path):
     # with the stronger dose.
     before = out["none"]["L_neg_heldout"]
     assert out["dose"]["6@0.05"]["L_neg_heldout"] > out["dose"]["6@0.0001"]["L_neg_heldout"] > before - 1e-6
-    with pytest.raises(ValueError, match="make a grid together"):
-        from sare_ds.eval.suite import run_attack_suite
+    from sare_ds.eval.suite import run_attack_suite
 
+    with pytest.raises(ValueError, match="make a grid together"):
         run_attack_suite({"base": None}, data, AttackConfig(dose_sizes=[2], dose_lrs=[]), base=str(tiny_model_dir),
                          out_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match=r"whole numbers > 0 .*n = 0 is the unattacked row"):
+        run_attack_suite({"base": None}, data, AttackConfig(dose_sizes=[0, 2], dose_lrs=[1e-3]),
+                         base=str(tiny_model_dir), out_dir=tmp_path / "r")
 
 
 def fake_result(before: float, after: dict[str, float], captions: int = 200) -> dict:
@@ -76,6 +79,20 @@ def test_the_reports_verdict_is_drawn_from_the_numbers():
     assert "SARE resisted it worse at n = 140: 52.0 vs 40.0 %" in text
     assert "no clear difference" in text and "n = 100: 45.0 vs 45.0 %" in text
     assert relearning_verdict({"EFUF": results["EFUF"]}) == ""  # nothing to compare
+
+
+def test_the_toy_finding_is_printed_for_toy_world_reports_only():
+    from sare_ds.eval.report import markdown_report, seed_averaged_finding
+
+    results = {"EFUF": fake_result(0.38, {"60": 0.50}), "SARE": fake_result(0.39, {"60": 0.36})}
+    for r in results.values():
+        r["none"]["CHAIR_I"] = 0.2
+        for m in r["relearn"].values():
+            m["CHAIR_I"] = 0.2
+    finding = seed_averaged_finding()
+    assert finding  # shipped (sare_ds/resources/toy_world_finding.txt, written by the study)
+    assert finding in markdown_report(results, toy_world=True)
+    assert finding not in markdown_report(results) and "In this run (SARE" in markdown_report(results)
 
 
 def fake_study(seed: int, shift: float, sare_after: float) -> dict:
@@ -101,7 +118,7 @@ def test_aggregation_over_seeds(tmp_path, monkeypatch):
         (root / "study" / "study.json").write_text(json.dumps(fake_study(seed, shift, sare_after=0.44)))
         roots.append(str(root))
     monkeypatch.setattr(study, "FINDING", tmp_path / "finding.txt")
-    t = study.aggregate(roots, str(tmp_path / "out"))
+    t = study.aggregate(roots, str(tmp_path / "out"), write_finding=True)
     assert t["base"]["CHAIR_S"] == pytest.approx((45.0, statistics.stdev([45.0, 47.0, 43.0])))
     assert t["SARE@0.001"]["dose"]["60@0.0003"]["resurgence"][0] == pytest.approx(6.0)
     assert t["EFUF@0.001"]["dose"]["60@0.0003"]["resurgence"][0] == pytest.approx(10.0)
@@ -114,7 +131,7 @@ def test_aggregation_over_seeds(tmp_path, monkeypatch):
     for seed, root in enumerate(roots):
         (tmp_path / f"seed{seed}" / "study" / "study.json").write_text(json.dumps(fake_study(seed, 0.01 * seed,
                                                                                               sare_after=0.48)))
-    study.aggregate(roots, str(tmp_path / "out2"))
+    study.aggregate(roots, str(tmp_path / "out2"), write_finding=True)
     assert "no robustness advantage" in (tmp_path / "finding.txt").read_text()
 
 

@@ -168,6 +168,19 @@ def test_ascent_every_one_is_the_paper(adapter):
     assert all(torch.equal(after_default[n], v) for n, v in snapshot(adapter).items())
 
 
+def test_variants_are_refused_where_the_space_hides_its_direction(adapter):
+    """ZeRO-3 with optimizer offload reads a CPU copy of the gradient that the variants cannot scale or keep."""
+
+    class Hidden(SeparatePassesSpace):
+        exposes_direction = False
+
+    for kw in ({"rho_mode": "adaptive"}, {"ascent_every": 2}):
+        with pytest.raises(ValueError, match="offload_optimizer"):
+            make_step(adapter, "sare", space_cls=Hidden, **kw)
+    make_step(adapter, "sare", space_cls=Hidden)  # the paper's SARE runs there
+    make_step(adapter, "efuf", space_cls=Hidden, rho_mode="adaptive")  # no ascent: nothing to refuse
+
+
 # ------------------------------------------------------------------------ kernel and config
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -61,8 +61,9 @@ class AttackConfig:
     dose_lrs: list = field(default_factory=list)
     """Learning rates of the dose grid (with dose_sizes; AdamW, one epoch of batch_size)."""
     heldout_samples: int = 32
-    """Neg samples never used for relearning (the ones after the largest set) on which L_neg is measured after
-    each dose (0: not measured)."""
+    """Neg samples no relearning dose trains on (the ones after the largest set) on which L_neg is measured after
+    each dose (0: not measured). They come from the attack data (`data`): with curation's shards, the unlearning
+    training data, so they are held out from relearning, not from unlearning."""
     pope_unattacked: bool = True
     """Also run POPE on each unattacked model (attacked models are scored with CHAIR only)."""
     seed: int = 0
@@ -160,7 +161,7 @@ def _free_memory() -> None:
 
 def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: AttackConfig | None = None, *,
                      eval_cfg: EvalConfig | None = None, out_dir: str | Path = "runs/report",
-                     base: str | None = None) -> dict:
+                     base: str | None = None, toy_world: bool = False) -> dict:
     """results[method] for every method (name -> run folder, None for the base model); writes the report."""
     from sare_ds.eval.attacks import load_neg_samples
     from sare_ds.eval.distributed import rank_and_world
@@ -178,6 +179,9 @@ def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: Attack
     needed = max([*cfg.relearn_sizes, *cfg.dose_sizes, cfg.probe_samples if cfg.probe else 0, 1])
     if cfg.dose_sizes:
         needed = max(needed, max([*cfg.relearn_sizes, *cfg.dose_sizes]) + cfg.heldout_samples)
+    if any(not (isinstance(n, int) and n > 0) for n in cfg.dose_sizes) or any(not lr > 0 for lr in cfg.dose_lrs):
+        raise ValueError(f"AttackConfig: dose_sizes {cfg.dose_sizes} must be whole numbers > 0 and dose_lrs "
+                         f"{cfg.dose_lrs} > 0 (n = 0 is the unattacked row, always reported); fix the grid")
     if bool(cfg.dose_sizes) != bool(cfg.dose_lrs):
         raise ValueError(f"AttackConfig: dose_sizes {cfg.dose_sizes} and dose_lrs {cfg.dose_lrs} make a grid together; "
                          "give both (e.g. --dose-sizes 20,60,140 --dose-lrs 1e-4,1e-3) or neither")
@@ -192,6 +196,6 @@ def run_attack_suite(methods: dict[str, str | None], data: EvalData, cfg: Attack
                     "images": dict(data.images.to_json(), limit=eval_cfg.num_images) if data.images else None,
                     "methods": {k: (str(v) if v else None) for k, v in methods.items()}}
     if rank_and_world()[0] == 0:
-        write_report(results, out_dir)
+        write_report(results, out_dir, toy_world=toy_world)
         (Path(out_dir) / "config.json").write_text(__import__("json").dumps(results_meta, indent=1))
     return results

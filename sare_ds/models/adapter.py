@@ -67,6 +67,14 @@ def adapter_class(family_or_model_type: str, source: str) -> type["MLLMAdapter"]
         ) from None
 
 
+def message_text(message: dict) -> str:
+    """The text of one chat message (string content, or the text items of a multimodal content list)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
+
+
 @torch.no_grad()
 def seeded_random_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """Random weights that depend only on (seed, parameter name): normalisation weights 1, biases and
@@ -139,7 +147,8 @@ def align_expansion(ours: list[int], truth: list[int], placeholder: int, source:
     differing position otherwise."""
     if ours.count(placeholder) != 1:
         raise ExpansionMismatchError(f"{source}: expected one image placeholder (id {placeholder}) in the "
-                                     f"tokenised conversation, found {ours.count(placeholder)}")
+                                     f"tokenised conversation, found {ours.count(placeholder)}. Fix: one image per "
+                                     "sample, and no image token in the prompt or caption text")
     pos = ours.index(placeholder)
     suffix = len(ours) - pos - 1
     length = len(truth) - pos - suffix
@@ -243,7 +252,8 @@ class MLLMAdapter(ABC):
     def build_tiny(cls, out_dir, *, seed: int = 0, corpus: list[str] | None = None):
         """Save a tiny random checkpoint of the family (model, processor, chat template; no download)
         to `out_dir`, loadable by `load_mllm` exactly as a real one; returns the directory."""
-        raise NotImplementedError(f"the {cls.family} adapter has no tiny builder")
+        raise NotImplementedError(f"the {cls.family} adapter has no tiny builder. Fix: build a tiny checkpoint of "
+                                  "another family (docs/models.md lists them), or add build_tiny to the adapter")
 
     # -- text ----------------------------------------------------------------------------
     @property

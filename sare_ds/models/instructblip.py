@@ -46,6 +46,7 @@ from sare_ds.models.adapter import (
     ExpansionMismatchError,
     ImageInputs,
     MLLMAdapter,
+    message_text,
     UnknownModelLayoutError,
     register_adapter,
 )
@@ -83,13 +84,6 @@ def disable_dropout(model: torch.nn.Module) -> int:
         if isinstance(p, float) and p:
             module.attention_dropout, changed = 0.0, changed + 1
     return changed
-
-
-def _message_text(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
 
 
 @register_adapter
@@ -142,10 +136,10 @@ class InstructBlipAdapter(MLLMAdapter):
         if len(users) != 1:
             raise ValueError(f"{self.source}: InstructBLIP takes one image and one prompt (a single user turn); got "
                              f"{len(users)} user turns. Fix: pass one prompt per image")
-        prompt = _message_text(users[0])
+        prompt = message_text(users[0])
         answers = [m for m in messages if m["role"] == "assistant"]
         if answers:
-            return f"{self._placeholder_prefix}{prompt} {''.join(_message_text(m) for m in answers)}"
+            return f"{self._placeholder_prefix}{prompt} {''.join(message_text(m) for m in answers)}"
         return prompt
 
     # -- images --------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from sare_ds.models.adapter import (
     ExpansionMismatchError,
     ImageInputs,
     MLLMAdapter,
+    message_text,
     align_expansion,
     register_adapter,
 )
@@ -69,13 +70,6 @@ def check_attention(config, attn_implementation: str | None, source: str) -> Non
             f"{source}: model.attn_implementation = {attn_implementation!r} cannot run {what}. Nothing was loaded. "
             "Fix: set model.attn_implementation=eager" + (" (and model.lm_head_chunks=0: Gemma-2 also soft-caps "
                                                           "its final logits)" if text == "gemma2" else ""))
-
-
-def _message_text(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
 
 
 @register_adapter
@@ -105,11 +99,12 @@ class PaliGemmaAdapter(MLLMAdapter):
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """With an assistant message: the whole sequence `<image><bos>{prompt}\\n{response}` (what sare_ds
         tokenises). Without one: the processor's `text` input `<image>{prompt}` (generation)."""
-        prompt = "".join(_message_text(m) for m in messages if m["role"] == "user")
-        response = "".join(_message_text(m) for m in messages if m["role"] == "assistant")
-        if len([m for m in messages if m["role"] == "user"]) != 1:
+        prompt = "".join(message_text(m) for m in messages if m["role"] == "user")
+        response = "".join(message_text(m) for m in messages if m["role"] == "assistant")
+        users = sum(m["role"] == "user" for m in messages)
+        if users != 1:
             raise ValueError(f"{self.source}: PaliGemma takes one image and one prompt (a single user turn); got "
-                             f"{len(messages)} messages. Fix: pass one prompt per image")
+                             f"{users} user turns. Fix: pass one prompt per image")
         if any(m["role"] == "assistant" for m in messages):
             return f"{IMAGE_TOKEN}{self.tokenizer.bos_token}{prompt}\n{response}"
         return f"{IMAGE_TOKEN}{prompt}"

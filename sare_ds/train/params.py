@@ -84,6 +84,9 @@ class ParameterSpace(ABC):
         return self.local_grad_sq_sum()
 
     # -- SARE variants (method.rho_mode, method.ascent_every) --------------------------------
+    exposes_direction = True
+    """direction_tensors() returns the storage the norm and perturb read (False: the variants are refused)."""
+
     def direction_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(the storage of this rank's elements of the direction d, the weights theta they pair with);
         empty lists when d = 0 (a step without direction losses)."""

@@ -154,6 +154,14 @@ class UnlearningStep:
         so its first step computes a new ascent direction)."""
         self._kept_eps: list[torch.Tensor] | None = None  # ascent_every > 1: eps* of the last ascent
         self._kept_eps_norm = None
+        variant = method_cfg.rho_mode != "absolute" or method_cfg.ascent_every > 1
+        if variant and self.method.sharpness_aware and not space.exposes_direction:
+            raise ValueError(
+                f"method.rho_mode = {method_cfg.rho_mode!r} / method.ascent_every = {method_cfg.ascent_every}: these "
+                f"SARE variants scale or keep the ascent direction where {type(space).__name__} stores it, which "
+                "ZeRO-3 with optimizer offload does not expose (its gradient is a CPU copy written at accumulation "
+                "boundaries). Fix: use a ds_config without offload_optimizer (ZeRO-2 or ZeRO-3), or rho_mode=absolute "
+                "and ascent_every=1")
         self.head_positions = 0
         """Positions the LM head has computed logits for, over all forwards (a host count; the bench reads it)."""
 
@@ -275,7 +283,7 @@ class UnlearningStep:
         metrics: dict[str, torch.Tensor] = {}
         sharp = self.method.weights(self.method.sharp, cfg)
         unit = {k: 1.0 for k in sharp}  # the direction of eps*: the unweighted gradient of these losses
-        every = getattr(cfg, "ascent_every", 1)
+        every = cfg.ascent_every
         ascent = every == 1 or self._kept_eps is None or self.steps_done % every == 0
         at_theta_sharp: dict = {}
         if space.separate_direction:
@@ -289,7 +297,7 @@ class UnlearningStep:
         if ascent:
             with t("grad_norm"):                                                       # 2. eps* = scale * d
                 grad_norm = space.direction_norm()
-                if getattr(cfg, "rho_mode", "absolute") == "adaptive":
+                if cfg.rho_mode == "adaptive":
                     # ASAM: eps* = rho T^2 g / ||T g||, T = |theta| + eta: d <- T g, its norm, d <- T^2 g.
                     space.scale_direction_by_weights(cfg.adaptive_eta)
                     scale = cfg.rho / space.direction_norm().clamp_min(_TINY_NORM)

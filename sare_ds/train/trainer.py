@@ -320,6 +320,17 @@ def build_run(cfg: TrainConfig, info: DistInfo, run_dir: Path, identity: dict, r
     training.record = run_record(cfg, identity)
     run["summary"] = {"steps": total, "config_sha256": identity["config_sha256"],
                       "resumed_from_step": start if resume else None}
+    # method.ascent_every counts optimizer steps from the run's start. The eps* kept between two ascents is not
+    # in the checkpoint: a resume between two ascents computes a new direction at its first step.
+    step_fn.steps_done = start
+    every = cfg.method.ascent_every
+    if start and every > 1 and start % every and step_fn.method.sharpness_aware:
+        note = (f"resumed at step {start}, between two ascents of method.ascent_every = {every}: the first resumed "
+                "step computes a new ascent direction where the uninterrupted run reused the kept eps*, so the "
+                f"weights differ from it (checkpoint at a multiple of {every} steps, output.save_every, to resume "
+                "exactly)")
+        log.warning(note)
+        run["summary"]["resume_inexact"] = note
     return training
 
 

@@ -160,10 +160,7 @@ class Zero3ParameterSpace(_ZeroSpace):
             self._swap_tmp = torch.empty(min(flat.numel(), 1 << 22), dtype=flat.dtype, device=flat.device)
             # Each parameter's partition is a view of the flat buffer (safe_get_local_grad returns an
             # fp32 copy of it when the buffer is bf16, so the view is read from the optimizer's map).
-            parts = getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
-            if parts is None:
-                raise RuntimeError("ZeRO-3: the optimizer has no gradient partition map; this DeepSpeed version is "
-                                   "not supported by the shared forward (set distributed.zero3_shared_forward=false)")
+            parts = self._grad_partition_map("the shared forward (set distributed.zero3_shared_forward=false)")
             self._direction_views = [self._view_like(self._direction, flat, parts[p.ds_id]) for p in self.params]
         else:
             self._direction.zero_()
@@ -211,12 +208,23 @@ class Zero3ParameterSpace(_ZeroSpace):
             return list(self._direction_views), self._masters()
         # The direction is the gradient: its partitions in the optimizer's flat buffer (safe_get_local_grad
         # returns a copy when that buffer is bf16, which an in-place scaling would not reach).
+        parts = self._grad_partition_map("method.rho_mode=adaptive and method.ascent_every > 1 (use rho_mode="
+                                         "absolute and ascent_every=1 with this DeepSpeed version)")
+        return [parts[p.ds_id] for p in self.params], self._masters()
+
+    def _grad_partition_map(self, needed_by: str) -> dict:
+        """DeepSpeed's map from parameter id to its gradient partition (a view of grad_partitions_flat_buffer)."""
         parts = getattr(self.engine.optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
         if parts is None:
-            raise RuntimeError("ZeRO-3: the optimizer has no gradient partition map, which method.rho_mode=adaptive "
-                               "and method.ascent_every > 1 need; use rho_mode=absolute and ascent_every=1 with this "
-                               "DeepSpeed version")
-        return [parts[p.ds_id] for p in self.params], self._masters()
+            raise RuntimeError(f"ZeRO-3: the optimizer has no gradient partition map, which {needed_by} needs; this "
+                               "DeepSpeed version is not supported for it")
+        return parts
+
+    @property
+    def exposes_direction(self) -> bool:
+        # With optimizer offload the gradient the norm and perturb read is a per-sub-group CPU copy written at
+        # boundaries, not the partitions direction_tensors would scale: the variants are refused there.
+        return not getattr(self.engine.optimizer, "offload_optimizer", False)
 
     @torch.no_grad()
     def zero_grad(self) -> None:
