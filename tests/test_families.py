@@ -228,7 +228,10 @@ def test_zero3_on_two_ranks_equals_the_single_process_run(runs):
     for k in wa:
         # (a tensor training left at zero in both runs, e.g. an unreached bias, compares as 0 / 0 otherwise)
         rel = ((wa[k].double() - wb[k].double()).norm() / wa[k].double().norm().clamp_min(1e-12)).item()
-        assert rel <= 1e-5, (k, rel)
+        # 1e-4: AdamW at lr 1e-3 turns the ranks' other fp32 summation order into update differences of a few
+        # 1e-6 relative, and more on a large trainable set of near-zero gradients (InstructBLIP's Q-Former: up to
+        # 1.6e-5 in one CI run, 2e-6 in another); a wrong gradient or a missed reduction is O(1).
+        assert rel <= 1e-4, (k, rel)
 
 
 def test_hf_export_reloads_with_the_trained_weights(family, runs):
