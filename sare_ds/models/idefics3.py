@@ -36,7 +36,6 @@ transformers or fill the wrong positions:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -155,13 +154,12 @@ class Idefics3Adapter(MLLMAdapter):
     def tiny_tokenizer(cls, corpus: list[str] | None = None, *, markers_as_tokens: bool = True):
         """The family's byte-level BPE: BOS/EOS/pad as the checkpoint names them, the image tokens special;
         `markers_as_tokens=False` leaves <global-img> and <row_r_col_c> as plain text (SmolVLM-Instruct)."""
-        from sare_ds.data.synthetic import caption_corpus
-        from sare_ds.models.tiny import DEFAULT_CORPUS, train_tokenizer
+        from sare_ds.models.tiny import tiny_corpus, train_tokenizer
 
         specials = cls.tiny_special_tokens()
         if not markers_as_tokens:
             specials = [s for s in specials if s != GLOBAL_IMAGE_TOKEN and s not in ROW_COL_TOKENS]
-        text = list(corpus if corpus is not None else DEFAULT_CORPUS + caption_corpus()) + TEMPLATE_CORPUS
+        text = tiny_corpus(corpus) + TEMPLATE_CORPUS
         return train_tokenizer(text, vocab_size=600, special_tokens=specials, bos=cls.tiny_bos, eos=cls.tiny_eos,
                                pad=cls.tiny_pad, unk=None, extra_special_tokens={"image_token": IMAGE_TOKEN},
                                chat_template=cls.tiny_template, add_bos=cls.tiny_add_bos)
@@ -210,15 +208,12 @@ class Idefics3Adapter(MLLMAdapter):
     def build_tiny(cls, out_dir, *, seed: int = 0, corpus: list[str] | None = None) -> Path:
         """A 32-px-tile model (4 positions a tile; a 32-64 px image is upscaled to 64 px and tiled 2 x 2 plus
         the global image: 34 positions with the markers), 2 layers, hidden 64, saved as a real checkpoint."""
-        out_dir = Path(out_dir)
+        from sare_ds.models.tiny import save_tiny
+
         tokenizer = cls.tiny_tokenizer(corpus)
         processor = cls.tiny_processor(tokenizer)
         model = cls.tiny_model(tokenizer, seed=seed)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        (out_dir / "sare_tiny.json").write_text(json.dumps({"family": cls.family, "seed": seed}, indent=1))
-        return out_dir
+        return save_tiny(out_dir, model, processor, family=cls.family, seed=seed)
 
 
 @register_adapter

@@ -199,13 +199,9 @@ class InstructBlipAdapter(MLLMAdapter):
             LlamaConfig,
         )
 
-        from sare_ds.models.tiny import DEFAULT_CORPUS, SPECIAL_TOKENS, train_tokenizer
+        from sare_ds.models.tiny import SPECIAL_TOKENS, save_tiny, tiny_corpus, train_tokenizer
 
-        if corpus is None:
-            from sare_ds.data.synthetic import caption_corpus
-
-            corpus = DEFAULT_CORPUS + caption_corpus()
-        corpus = list(corpus)
+        corpus = tiny_corpus(corpus)
         out_dir = Path(out_dir)
         image_size, patch_size, n_query = 32, 8, 8
         # `<image>` is a special token of the vocabulary but not the tokenizer's named `image_token`, as in the
@@ -253,7 +249,4 @@ class InstructBlipAdapter(MLLMAdapter):
                     p.normal_(0.0, 0.02, generator=gen)
         for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
             setattr(model.generation_config, key, getattr(tokenizer, key))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        return out_dir
+        return save_tiny(out_dir, model, processor, family=cls.family, seed=seed)

@@ -28,7 +28,6 @@ Refused, with an error naming the input and the fix:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sare_ds.models.adapter import MLLMAdapter, register_adapter
@@ -133,13 +132,11 @@ def build_tiny_internvl(out_dir, *, seed: int = 0, corpus: list[str] | None = No
         Qwen2Config,
     )
 
-    from sare_ds.data.synthetic import caption_corpus
-    from sare_ds.models.tiny import DEFAULT_CORPUS, train_tokenizer
+    from sare_ds.models.tiny import save_tiny, tiny_corpus, train_tokenizer
 
-    out_dir = Path(out_dir)
     specials = [ENDOFTEXT, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, VIDEO]
     tokenizer = train_tokenizer(
-        list(corpus or (DEFAULT_CORPUS + caption_corpus())), vocab_size=vocab_size, special_tokens=specials,
+        tiny_corpus(corpus), vocab_size=vocab_size, special_tokens=specials,
         bos=None, eos=IM_END, pad=ENDOFTEXT, unk=None, add_bos=False, chat_template=INTERNVL_CHAT_TEMPLATE,
         extra_special_tokens={"start_image_token": IMG_START, "end_image_token": IMG_END,
                               "context_image_token": IMG_CONTEXT, "video_token": VIDEO})
@@ -168,9 +165,4 @@ def build_tiny_internvl(out_dir, *, seed: int = 0, corpus: list[str] | None = No
     processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                   video_processor=video_processor, image_seq_length=seq,
                                   chat_template=INTERNVL_CHAT_TEMPLATE)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / "sare_tiny.json").write_text(json.dumps({"family": "internvl", "seed": seed,
-                                                        "tile_size": tile_size}, indent=1))
-    return out_dir
+    return save_tiny(out_dir, model, processor, family="internvl", seed=seed, tile_size=tile_size)

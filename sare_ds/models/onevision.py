@@ -25,7 +25,6 @@ sample (OneVision's multi-image path: base features only) are outside sare_ds's 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sare_ds.models.internvl import check_rendered_image
@@ -97,12 +96,10 @@ def build_tiny_onevision(out_dir, *, seed: int = 0, corpus: list[str] | None = N
         SiglipVisionConfig,
     )
 
-    from sare_ds.data.synthetic import caption_corpus
-    from sare_ds.models.tiny import DEFAULT_CORPUS, train_tokenizer
+    from sare_ds.models.tiny import save_tiny, tiny_corpus, train_tokenizer
 
-    out_dir = Path(out_dir)
     tokenizer = train_tokenizer(
-        list(corpus or (DEFAULT_CORPUS + caption_corpus())), vocab_size=vocab_size,
+        tiny_corpus(corpus), vocab_size=vocab_size,
         special_tokens=[ENDOFTEXT, IM_START, IM_END, IMAGE, VIDEO], bos=None, eos=IM_END, pad=ENDOFTEXT,
         unk=None, add_bos=False, chat_template=ONEVISION_CHAT_TEMPLATE,
         extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO})
@@ -134,9 +131,4 @@ def build_tiny_onevision(out_dir, *, seed: int = 0, corpus: list[str] | None = N
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         num_image_tokens=(tile_size // patch_size) ** 2, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9", chat_template=ONEVISION_CHAT_TEMPLATE)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / "sare_tiny.json").write_text(json.dumps({"family": "llava_onevision", "seed": seed,
-                                                        "tile_size": tile_size}, indent=1))
-    return out_dir
+    return save_tiny(out_dir, model, processor, family="llava_onevision", seed=seed, tile_size=tile_size)

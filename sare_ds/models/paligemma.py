@@ -179,12 +179,9 @@ class PaliGemmaAdapter(MLLMAdapter):
             SiglipVisionConfig,
         )
 
-        from sare_ds.models.tiny import DEFAULT_CORPUS, train_tokenizer
+        from sare_ds.models.tiny import save_tiny, tiny_corpus, train_tokenizer
 
-        if corpus is None:
-            from sare_ds.data.synthetic import caption_corpus
-
-            corpus = DEFAULT_CORPUS + caption_corpus()
+        corpus = tiny_corpus(corpus)
         out_dir = Path(out_dir)
         image_size, patch_size, hidden = 32, 8, 64
         n_image = (image_size // patch_size) ** 2
@@ -212,7 +209,4 @@ class PaliGemmaAdapter(MLLMAdapter):
         model = PaliGemmaForConditionalGeneration(config)
         for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
             setattr(model.generation_config, key, getattr(tokenizer, key))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        return out_dir
+        return save_tiny(out_dir, model, processor, family=cls.family, seed=seed)

@@ -211,14 +211,9 @@ class Qwen2VLAdapter(MLLMAdapter):
                    num_layers: int = 2, vocab_size: int = 600) -> Path:
         """A tiny random checkpoint of the family: Qwen2 special tokens and ChatML template, no BOS, EOS
         `<|im_end|>`, pad `<|endoftext|>`; 4-px patches merged 2 x 2 (a 32-px image: 16 positions)."""
-        import json
+        from sare_ds.models.tiny import save_tiny, tiny_corpus, train_tokenizer
 
-        from sare_ds.models.tiny import DEFAULT_CORPUS, train_tokenizer
-
-        if corpus is None:
-            from sare_ds.data.synthetic import caption_corpus
-
-            corpus = DEFAULT_CORPUS + caption_corpus()
+        corpus = tiny_corpus(corpus)
         tokenizer = train_tokenizer(
             QWEN_CORPUS + list(corpus), vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, bos=None,
             eos="<|im_end|>", pad="<|endoftext|>", unk=None,
@@ -233,12 +228,7 @@ class Qwen2VLAdapter(MLLMAdapter):
         gen.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|>, <|endoftext|>
         gen.pad_token_id = tokenizer.pad_token_id
         processor = cls._tiny_processor(tokenizer)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        (out_dir / "sare_tiny.json").write_text(json.dumps({"family": cls.family, "seed": seed}, indent=1))
-        return out_dir
+        return save_tiny(out_dir, model, processor, family=cls.family, seed=seed)
 
 
 @register_adapter

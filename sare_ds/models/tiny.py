@@ -134,6 +134,26 @@ def make_tiny_llava(
     return model, processor
 
 
+def tiny_corpus(corpus: list[str] | None = None) -> list[str]:
+    """The texts a tiny tokenizer is trained on: `corpus`, or the default (DEFAULT_CORPUS and the synthetic
+    scenes' captions)."""
+    if corpus is not None:
+        return list(corpus)
+    from sare_ds.data.synthetic import caption_corpus
+
+    return DEFAULT_CORPUS + caption_corpus()
+
+
+def save_tiny(out_dir: str | Path, model, processor, **record) -> Path:
+    """Save a tiny checkpoint as a real one (model + processor) and its build record (sare_tiny.json)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "sare_tiny.json").write_text(json.dumps(record, indent=1))
+    return out_dir
+
+
 def make_tiny_llava_next(tokenizer, *, tile: int = 32, patch_size: int = 8, hidden_size: int = 64, seed: int = 0):
     """A tiny random LLaVA-NeXT (AnyRes tiles of `tile` px, grid pinpoints up to 2 x 2 tiles, the learned
     image newline) and its processor (nothing written)."""
@@ -175,10 +195,7 @@ def build_tiny_llava_next(out_dir: str | Path, *, corpus: list[str] | None = Non
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(list(corpus or DEFAULT_CORPUS), vocab_size=vocab_size)
     model, processor = make_tiny_llava_next(tokenizer, seed=seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save_tiny(out_dir, model, processor, family="llava_next", seed=seed)
 
 
 def build_tiny_llava(
@@ -197,11 +214,7 @@ def build_tiny_llava(
     tokenizer = train_tokenizer(list(corpus or DEFAULT_CORPUS), vocab_size=vocab_size)
     model, processor = make_tiny_llava(tokenizer, image_size=image_size, patch_size=patch_size,
                                        hidden_size=hidden_size, num_layers=num_layers, seed=seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / "sare_tiny.json").write_text(json.dumps({"seed": seed, "image_size": image_size}, indent=1))
-    return out_dir
+    return save_tiny(out_dir, model, processor, seed=seed, image_size=image_size)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def parameter_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------ backends
 
-class Backend:
+class Backend(ABC):
     """Build, checkpoint, gather and export one run's model; the same calls on every rank."""
 
     name = "backend"
@@ -117,9 +118,9 @@ class Backend:
         self.before_model_load()
         return load_mllm(model_cfg)
 
+    @abstractmethod
     def build(self, cfg, model, params: list[torch.nn.Parameter], total_steps: int) -> Runtime:
         """Optimizer, LR schedule, engine (DeepSpeed) and the ParameterSpace the step drives."""
-        raise NotImplementedError
 
     def save_checkpoint(self, rt: Runtime, run_dir: Path, step: int, record: dict) -> Path:
         """Every rank: write and commit checkpoint `step` (sare_ds.train.checkpoint)."""

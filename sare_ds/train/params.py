@@ -98,9 +98,16 @@ class ParameterSpace(ABC):
         if d:
             kernels.scale_by_abs_(d, theta, eta)
 
-    def copy_direction(self, scale: torch.Tensor) -> list[torch.Tensor]:
-        """New fp32 tensors holding scale * d: an eps* a later step perturbs by again (ascent_every)."""
+    def copy_direction(self, scale: torch.Tensor, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """fp32 tensors holding scale * d: an eps* a later step perturbs by again (ascent_every). `out`: the
+        previous copy, overwritten in place when it pairs with d (no second copy alive while the new forms)."""
         d, _ = self.direction_tensors()
+        if out is not None and len(out) == len(d) and all(
+                o.shape == x.shape and o.device == x.device for o, x in zip(out, d)):
+            for o, x in zip(out, d):
+                o.copy_(x)  # widened exactly, then the same fp32 product as below
+                o.mul_(scale.to(x.device))
+            return out
         return [x.float() * scale.to(x.device) for x in d]
 
     # -- written once on top of the primitives -------------------------------------------

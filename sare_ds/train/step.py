@@ -307,7 +307,7 @@ class UnlearningStep:
                     scale = cfg.rho / grad_norm.clamp_min(_TINY_NORM)
                     eps_norm = scale * grad_norm
                 if every > 1:
-                    self._kept_eps = space.copy_direction(scale)
+                    self._kept_eps = space.copy_direction(scale, self._kept_eps)
             metrics["sam/grad_norm_neg"] = grad_norm
         else:
             scale, eps_norm = torch.ones((), device=self.device), self._kept_eps_norm
